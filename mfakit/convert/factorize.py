@@ -1,0 +1,496 @@
+"""The factorization math: one source attention layer (plus the second moment of its input) in, MFA weights out.
+
+Pure functions on float64 tensors; no I/O, no devices, no progress bars.
+
+Notation for one layer: attention input x in R^d, augmented with a constant 1 so that biases are ordinary weight
+columns (x~ = [x; 1], d1 = d + 1); Sigma = E[x~ x~^T] (d1 x d1) from calibration text. The source has h query heads and
+g key/value heads of width d_h; query head i reads key/value head j(i) = i // (h / g).
+
+Canonical RoPE layout (what the adapters produce): in each head, channels t and t + P (t < P, P = number of rotary
+pairs) form a pair rotating at frequency theta_t; channels 2P..d_h-1 carry no position (NoPE). Writing a pair as the
+complex number z = x_t + i x_{t+P}, RoPE multiplies z by e^{i p theta_t}, and the pair's share of q.k is
+Re(z_q conj(z_k) e^{i (p_q - p_k) theta_t}). A complex-linear map that mixes pairs of one frequency commutes with RoPE,
+so a pair is written here as one complex row c (d1,): its value is c . x~.
+
+The MFA latent of width C uses the same layout over the whole latent: channels p and p + C/2 are a pair rotating at
+rope_freqs[p] (0: NoPE).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+Tensor = torch.Tensor
+EIG_RTOL = 1e-10  # eigen-directions below this fraction of the largest carry nothing and are never chosen
+
+
+@dataclass
+class SourceAttention:
+    """One source attention layer in canonical form (float64).
+
+    wq: (h, d_h, d1), wk: (g, d_h, d1), wv: (g, d_v, d1): projection rows, bias in the last column.
+    wo: (d, h, d_v): output projection, per head. bo: (d,) or None.
+    rope_freqs: (P,) rotary frequencies; channels t, t + P are pair t; channels >= 2P are NoPE.
+    scale: softmax scale. The flags say which source projections carry a bias.
+    """
+
+    wq: Tensor
+    wk: Tensor
+    wv: Tensor
+    wo: Tensor
+    bo: Tensor | None
+    rope_freqs: Tensor
+    scale: float
+    q_bias: bool = False
+    k_bias: bool = False
+    v_bias: bool = False
+
+    @property
+    def num_heads(self) -> int:
+        return self.wq.shape[0]
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.wk.shape[0]
+
+    @property
+    def group(self) -> Tensor:
+        """j(i) for every query head i."""
+        return torch.arange(self.num_heads) // (self.num_heads // self.num_kv_heads)
+
+    @property
+    def num_pairs(self) -> int:
+        return self.rope_freqs.shape[0]
+
+    def key_pairs(self) -> Tensor:
+        """Complex key rows (g, P, d1)."""
+        P = self.num_pairs
+        return torch.complex(self.wk[:, :P], self.wk[:, P : 2 * P])
+
+    def query_pairs(self) -> Tensor:
+        """Complex query rows (h, P, d1)."""
+        P = self.num_pairs
+        return torch.complex(self.wq[:, :P], self.wq[:, P : 2 * P])
+
+
+@dataclass
+class Latent:
+    """The channels of a latent before layout: complex RoPE pairs and real NoPE channels, with what reads them.
+
+    pair_rows: (n_p, d1) complex, pair_freqs: (n_p,), real_rows: (n_r, d1): encoder rows.
+    q_pair_rows: (h, n_p, d1) complex, q_real_rows: (h, n_r, d1): the query rows of every head that meet them.
+    """
+
+    pair_rows: Tensor
+    pair_freqs: Tensor
+    real_rows: Tensor
+    q_pair_rows: Tensor
+    q_real_rows: Tensor
+
+    @property
+    def width(self) -> int:
+        """Channels needed: two per pair, one per real channel, rounded up to even."""
+        n = 2 * self.pair_rows.shape[0] + self.real_rows.shape[0]
+        return n + n % 2
+
+
+@dataclass
+class MFALayer:
+    """One converted layer (float64).
+
+    wq: (h, C, d1) per-head query rows; wk: (C, d1) key latent rows; wv: (v_dim, d1) value rows (MFA) or None
+    (MFA-KR: the value is the pre-RoPE key latent); wo: (d, h, v_dim) output projection reading the value (MFA-KR:
+    the latent); bo: (d,) or None; rope_freqs: (C/2,); scale: softmax scale.
+    """
+
+    wq: Tensor
+    wk: Tensor
+    wv: Tensor | None
+    wo: Tensor
+    bo: Tensor | None
+    rope_freqs: Tensor
+    scale: float
+
+    @property
+    def kv_dim(self) -> int:
+        return self.wk.shape[0]
+
+    @property
+    def v_dim(self) -> int:
+        return self.wk.shape[0] if self.wv is None else self.wv.shape[0]
+
+
+def latent_slots(n_pairs: int, n_real: int, width: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Where the channels of a latent land: (real part of each pair, imaginary part of each pair, each real
+    channel). Pair p takes slots p and p + width/2; real channels fill the remaining slots, real halves first."""
+    half = width // 2
+    if 2 * n_pairs + n_real > width:
+        raise ValueError(f"{n_pairs} pairs and {n_real} real channels do not fit in width {width}")
+    re = torch.arange(n_pairs)
+    free = torch.cat([torch.arange(n_pairs, half), torch.arange(half + n_pairs, width)])
+    return re, re + half, free[:n_real]
+
+
+def layout(lat: Latent, width: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Real key rows (C, d1), query rows (h, C, d1) and RoPE table (C/2,) of a latent (unused slots are zero)."""
+    width = lat.width if width is None else width
+    n_p = lat.pair_rows.shape[0]
+    re, im, real = latent_slots(n_p, lat.real_rows.shape[0], width)
+    d1 = lat.real_rows.shape[1]
+    wk = lat.real_rows.new_zeros(width, d1)
+    wk[re], wk[im], wk[real] = lat.pair_rows.real, lat.pair_rows.imag, lat.real_rows
+    h = lat.q_real_rows.shape[0]
+    wq = lat.real_rows.new_zeros(h, width, d1)
+    wq[:, re], wq[:, im], wq[:, real] = lat.q_pair_rows.real, lat.q_pair_rows.imag, lat.q_real_rows
+    freqs = lat.pair_freqs.new_zeros(width // 2)
+    freqs[:n_p] = lat.pair_freqs
+    return wk, wq, freqs
+
+
+def _value_readout(src: SourceAttention, value_slots: Tensor, width: int) -> Tensor:
+    """Output projection (d, h, width) that reads head j(i)'s values from the given latent slots (g*d_v of them)."""
+    d, h, dv = src.wo.shape
+    wo = src.wo.new_zeros(d, h, width)
+    for i, j in enumerate(src.group.tolist()):
+        wo[:, i, value_slots[j * dv : (j + 1) * dv]] = src.wo[:, i]
+    return wo
+
+
+def exact_key_latent(src: SourceAttention) -> Latent:
+    """The g key heads stacked, each pair keeping its frequency; query head i sits in group j(i)'s slice."""
+    g, h, P = src.num_kv_heads, src.num_heads, src.num_pairs
+    d1 = src.wk.shape[2]
+    q_pairs = src.query_pairs()
+    q_nope = src.wq[:, 2 * P :]
+    n_nope = q_nope.shape[1]
+    q_pair_rows = q_pairs.new_zeros(h, g, P, d1)
+    q_real_rows = src.wq.new_zeros(h, g, n_nope, d1)
+    for i, j in enumerate(src.group.tolist()):
+        q_pair_rows[i, j], q_real_rows[i, j] = q_pairs[i], q_nope[i]
+    return Latent(
+        pair_rows=src.key_pairs().reshape(g * P, d1),
+        pair_freqs=src.rope_freqs.repeat(g),
+        real_rows=src.wk[:, 2 * P :].reshape(g * n_nope, d1),
+        q_pair_rows=q_pair_rows.reshape(h, g * P, d1),
+        q_real_rows=q_real_rows.reshape(h, g * n_nope, d1),
+    )
+
+
+def exact_mfa(src: SourceAttention) -> MFALayer:
+    """Exact MFA embedding of a GQA/MHA layer, C = g * d_h.
+
+    Key latent = the g key heads stacked; value latent = the g value heads stacked; output head i reads only slice
+    j(i) of the value latent through W_O^i. Logits and outputs equal the source's.
+    """
+    wk, wq, freqs = layout(exact_key_latent(src))
+    wv = src.wv.reshape(-1, src.wv.shape[2])
+    wo = _value_readout(src, torch.arange(wv.shape[0]), wv.shape[0])
+    return MFALayer(wq=wq, wk=wk, wv=wv, wo=wo, bo=src.bo, rope_freqs=freqs, scale=src.scale)
+
+
+def exact_mfa_kr(src: SourceAttention) -> MFALayer:
+    """Exact MFA-KR embedding, C = g * (d_h + d_v): latent = [key pairs, NoPE key channels, value channels].
+
+    Queries are zero on the value channels; output heads read only the value channels of the pre-RoPE latent.
+    """
+    keys = exact_key_latent(src)
+    values = src.wv.reshape(-1, src.wv.shape[2])
+    h, n_v = src.num_heads, values.shape[0]
+    n_key_real = keys.real_rows.shape[0]
+    lat = Latent(
+        pair_rows=keys.pair_rows,
+        pair_freqs=keys.pair_freqs,
+        real_rows=torch.cat([keys.real_rows, values]),
+        q_pair_rows=keys.q_pair_rows,
+        q_real_rows=torch.cat([keys.q_real_rows, values.new_zeros(h, n_v, values.shape[1])], 1),
+    )
+    wk, wq, freqs = layout(lat)
+    _, _, real = latent_slots(lat.pair_rows.shape[0], lat.real_rows.shape[0], wk.shape[0])
+    wo = _value_readout(src, real[n_key_real:], wk.shape[0])
+    return MFALayer(wq=wq, wk=wk, wv=None, wo=wo, bo=src.bo, rope_freqs=freqs, scale=src.scale)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Keys under a budget: per-frequency weighted complex PCA
+
+
+@dataclass
+class KeyGroup:
+    """The principal components of one key group: a RoPE frequency (complex) or the NoPE channels (real).
+
+    freq: the group's frequency (0 for NoPE). gains: (n,) descending: the query-weighted key energy each component
+    keeps (the logit error it removes, up to a constant). enc: (n, n_var) coefficients on the group's variables (a
+    complex pair of each key head, or the real NoPE channels of all key heads); dec: (n_var, n) the least-squares
+    reconstruction of the variables from the components.
+    """
+
+    freq: float
+    is_complex: bool
+    gains: Tensor
+    enc: Tensor
+    dec: Tensor
+
+    @property
+    def cost(self) -> int:
+        """Latent channels one component takes."""
+        return 2 if self.is_complex else 1
+
+
+def query_energy(src: SourceAttention, sigma: Tensor) -> Tensor:
+    """E[q_{i,c}^2] for every query head and channel, (h, d_h)."""
+    return torch.einsum("hcd,de,hce->hc", src.wq, sigma, src.wq)
+
+
+def _weighted_pca(rows: Tensor, weights: Tensor, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Weighted PCA of n_var variables y = rows . x~ (rows (n_var, d1), real or complex), weights (n_var,) >= 0.
+
+    M = W^{1/2} E[y y^H] W^{1/2} = V diag(lam) V^H. Component k is l_k = sum_v conj(V_vk) sqrt(w_v) y_v; it keeps
+    lam_k of the weighted energy. The reconstruction y ~ R l with R = E[y l^H] E[l l^H]^{-1} = E[y y^H] W^{1/2} V
+    diag(1/lam) is the least-squares one. Returns (lam (n,), enc (n, n_var), R (n_var, n)), lam descending, with
+    the directions that carry nothing (lam below EIG_RTOL of the largest) left out.
+    """
+    sigma = sigma.to(rows.dtype)
+    cov = rows @ sigma @ rows.conj().T
+    root_w = weights.clamp_min(0).sqrt().to(rows.dtype)
+    lam, vec = torch.linalg.eigh(root_w[:, None] * cov * root_w[None, :])
+    lam, vec = lam.flip(0), vec.flip(1)
+    keep = lam > EIG_RTOL * lam[0].clamp_min(torch.finfo(lam.dtype).tiny)
+    lam, vec = lam[keep], vec[:, keep]
+    enc = vec.conj().T * root_w[None, :]
+    dec = (cov * root_w[None, :]) @ vec / lam.to(rows.dtype)[None, :]
+    return lam, enc, dec
+
+
+def key_spectrum(src: SourceAttention, sigma: Tensor) -> list[KeyGroup]:
+    """Per-frequency key PCA, weighted by the query energy each key head meets.
+
+    For frequency t the variables are the g complex key pairs z_{j,t}; group j is weighted by w_{j,t} =
+    sum_{i in j} E|z_{q,i,t}|^2, since a key error e_j costs E|Re(z_q conj(e_j) e^{i phi})|^2 = 1/2 w_{j,t} |e_j|^2
+    on average over the relative phase phi. The NoPE channels of all key heads form one real group, weighted the
+    same way per channel.
+    """
+    g, P = src.num_kv_heads, src.num_pairs
+    energy = query_energy(src, sigma)
+    group = src.group
+    heads_per_group = torch.zeros(g, src.num_heads, dtype=energy.dtype)
+    heads_per_group[group, torch.arange(src.num_heads)] = 1.0
+    pair_w = heads_per_group @ (energy[:, :P] + energy[:, P : 2 * P])  # (g, P)
+    keys = src.key_pairs()
+    groups = []
+    for t in range(P):
+        lam, enc, dec = _weighted_pca(keys[:, t], pair_w[:, t], sigma)
+        groups.append(KeyGroup(float(src.rope_freqs[t]), True, lam, enc, dec))
+    nope_rows = src.wk[:, 2 * P :]
+    if nope_rows.shape[1]:
+        nope_w = (heads_per_group @ energy[:, 2 * P :]).reshape(-1)
+        lam, enc, dec = _weighted_pca(nope_rows.reshape(-1, nope_rows.shape[2]), nope_w, sigma)
+        groups.append(KeyGroup(0.0, False, lam, enc, dec))
+    return groups
+
+
+def choose_components(groups: list[KeyGroup], n_channels: int) -> list[int]:
+    """How many leading components of each group to keep within n_channels latent channels: greedy by kept energy
+    per channel, which is optimal for the summed error because each group's gains are sorted."""
+    candidates = [(gr.gains[k].item() / gr.cost, idx, k) for idx, gr in enumerate(groups) for k in range(len(gr.gains))]
+    candidates.sort(key=lambda c: -c[0])
+    counts = [0] * len(groups)
+    left = n_channels
+    for _, idx, k in candidates:
+        cost = groups[idx].cost
+        if k == counts[idx] and cost <= left:
+            counts[idx] += 1
+            left -= cost
+    return counts
+
+
+def key_latent(src: SourceAttention, groups: list[KeyGroup], counts: list[int]) -> Latent:
+    """The latent of the chosen key components and the query rows that meet them.
+
+    Pair component k of frequency t: key row sum_j enc_kj z_{k,j,t}; query head i meets it with
+    conj(dec_{j(i),k}) z_{q,i,t}, which reproduces Re(z_q conj(z_k-hat) e^{i phi}) for the reconstruction z_k-hat =
+    dec l. NoPE components alike with real rows.
+    """
+    P = src.num_pairs
+    keys, queries = src.key_pairs(), src.query_pairs()
+    group = src.group
+    pair_rows, pair_freqs, q_pairs = [], [], []
+    real_rows = src.wk.new_zeros(0, src.wk.shape[2])
+    q_reals = src.wk.new_zeros(src.num_heads, 0, src.wk.shape[2])
+    for t, (gr, n) in enumerate(zip(groups, counts, strict=True)):
+        if n == 0:
+            continue
+        enc, dec = gr.enc[:n], gr.dec[:, :n]
+        if gr.is_complex:
+            pair_rows.append(enc @ keys[:, t])
+            pair_freqs.append(torch.full((n,), gr.freq, dtype=src.rope_freqs.dtype))
+            q_pairs.append(dec.conj()[group][:, :, None] * queries[:, t][:, None, :])
+        else:
+            nope = src.wk[:, 2 * P :]
+            g, n_nope, d1 = nope.shape
+            real_rows = enc @ nope.reshape(g * n_nope, d1)
+            dec = dec.reshape(g, n_nope, n)[group]  # (h, n_nope, n)
+            q_reals = torch.einsum("hck,hcd->hkd", dec, src.wq[:, 2 * P :])
+    d1 = src.wk.shape[2]
+    cdtype = keys.dtype
+    return Latent(
+        pair_rows=torch.cat(pair_rows) if pair_rows else keys.new_zeros(0, d1),
+        pair_freqs=torch.cat(pair_freqs) if pair_freqs else src.rope_freqs.new_zeros(0),
+        real_rows=real_rows,
+        q_pair_rows=torch.cat(q_pairs, 1) if q_pairs else torch.zeros(src.num_heads, 0, d1, dtype=cdtype),
+        q_real_rows=q_reals,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Values under a budget: whitened PCA, least-squares readout
+
+
+def _sym_sqrt(m: Tensor) -> Tensor:
+    lam, vec = torch.linalg.eigh(m)
+    return (vec * lam.clamp_min(0).sqrt()) @ vec.T
+
+
+def value_metric(src: SourceAttention) -> Tensor:
+    """G = blockdiag_j(sum_{i in j} W_O^i^T W_O^i), (g*d_v, g*d_v): the output energy a value error causes."""
+    g, dv = src.num_kv_heads, src.wv.shape[1]
+    G = src.wo.new_zeros(g * dv, g * dv)
+    for i, j in enumerate(src.group.tolist()):
+        block = slice(j * dv, (j + 1) * dv)
+        G[block, block] += src.wo[:, i].T @ src.wo[:, i]
+    return G
+
+
+def value_rows(src: SourceAttention, sigma: Tensor, n: int, basis: Tensor | None = None) -> Tensor:
+    """Encoder rows (n, d1) of n value channels: the principal directions of the output-whitened values
+    v~ = G^{1/2} v, after least-squares regression on the channels `basis` (rows (m, d1)) when given, since those are
+    in the latent already (MFA-KR: the pre-RoPE key channels are values too)."""
+    wv = src.wv.reshape(-1, src.wv.shape[2])
+    target = _sym_sqrt(value_metric(src)) @ wv
+    if basis is not None and basis.shape[0]:
+        target = target - ls_readout(target, basis, sigma) @ basis
+    lam, vec = torch.linalg.eigh(target @ sigma @ target.T)
+    top = vec[:, lam.argsort(descending=True)[:n]]
+    return top.T @ target
+
+
+def ls_readout(target: Tensor, enc: Tensor, sigma: Tensor, ridge: float = 1e-9) -> Tensor:
+    """Least-squares reconstruction R (m, n) of the variables target . x~ (rows (m, d1)) from the channels
+    enc . x~ (rows (n, d1)): R = T Sigma E^T (E Sigma E^T)^{-1}, with a tiny relative ridge for rank-deficient E."""
+    gram = enc @ sigma @ enc.T
+    gram = gram + ridge * gram.diagonal().mean().clamp_min(1e-30) * torch.eye(gram.shape[0], dtype=gram.dtype)
+    return torch.linalg.solve(gram, enc @ sigma @ target.T).T
+
+
+def value_readout(src: SourceAttention, latent_rows: Tensor, sigma: Tensor) -> Tensor:
+    """Output projection (d, h, n) reading the values from latent channels latent_rows (n, d1): O'_i = W_O^i R_{j(i)}
+    with R the least-squares reconstruction of head j(i)'s values."""
+    g, dv = src.num_kv_heads, src.wv.shape[1]
+    R = ls_readout(src.wv.reshape(g * dv, -1), latent_rows, sigma).reshape(g, dv, -1)
+    return torch.einsum("dhv,hvn->dhn", src.wo, R[src.group])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Whole layers under a budget
+
+
+def compress_mfa(src: SourceAttention, sigma: Tensor, kv_dim: int, v_dim: int) -> MFALayer:
+    """MFA layer with a key latent of kv_dim channels and a value latent of v_dim channels."""
+    groups = key_spectrum(src, sigma)
+    wk, wq, freqs = layout(key_latent(src, groups, choose_components(groups, kv_dim)), kv_dim)
+    wv = value_rows(src, sigma, v_dim)
+    wo = value_readout(src, wv, sigma)
+    return MFALayer(wq=wq, wk=wk, wv=wv, wo=wo, bo=src.bo, rope_freqs=freqs, scale=src.scale)
+
+
+def compress_mfa_kr(src: SourceAttention, sigma: Tensor, kv_dim: int, key_channels: int) -> MFALayer:
+    """MFA-KR layer of width kv_dim: key_channels channels of key components, the rest value-only (NoPE)
+    channels chosen on what the key channels do not already carry; outputs read the whole pre-RoPE latent."""
+    groups = key_spectrum(src, sigma)
+    keys = key_latent(src, groups, choose_components(groups, key_channels))
+    key_real_rows = torch.cat([keys.pair_rows.real, keys.pair_rows.imag, keys.real_rows])
+    n_values = kv_dim - 2 * keys.pair_rows.shape[0] - keys.real_rows.shape[0]
+    values = value_rows(src, sigma, n_values, basis=key_real_rows)
+    h, d1 = src.num_heads, values.shape[1]
+    lat = Latent(
+        pair_rows=keys.pair_rows,
+        pair_freqs=keys.pair_freqs,
+        real_rows=torch.cat([keys.real_rows, values]),
+        q_pair_rows=keys.q_pair_rows,
+        q_real_rows=torch.cat([keys.q_real_rows, values.new_zeros(h, values.shape[0], d1)], 1),
+    )
+    wk, wq, freqs = layout(lat, kv_dim)
+    wo = value_readout(src, wk, sigma)
+    return MFALayer(wq=wq, wk=wk, wv=None, wo=wo, bo=src.bo, rope_freqs=freqs, scale=src.scale)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Query factorization and scale balancing
+
+
+def key_energy(layer: MFALayer, sigma: Tensor) -> Tensor:
+    """E[k_c^2] per key latent channel (C,), summed over each RoPE pair so that both halves weigh the same."""
+    e = torch.einsum("cd,de,ce->c", layer.wk, sigma, layer.wk)
+    half = e.shape[0] // 2
+    pair = e[:half] + e[half:]
+    return torch.cat([pair, pair])
+
+
+def factor_query(layer: MFALayer, sigma: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+    """Low-rank query q = Q_b (S_Q x~): S_Q (rank, d1) shared by all heads, Q_b (h*C, rank).
+
+    Query errors are weighted by the key energy they meet: minimise E||K^{1/2} (W - Q_b S_Q) x~||^2 with
+    K = diag(key energy of each head's channel). The optimum projects K^{1/2} W x~ onto the top eigenvectors U of its
+    covariance K^{1/2} W Sigma W^T K^{1/2}: S_Q = U^T K^{1/2} W, Q_b = K^{-1/2} U. Channels that meet no key energy
+    (MFA-KR value channels) are zero rows of W and stay zero. The rank is capped at that of K^{1/2} W Sigma^{1/2}.
+    """
+    h, C, d1 = layer.wq.shape
+    w = layer.wq.reshape(h * C, d1)
+    k = key_energy(layer, sigma).repeat(h)
+    live = (k > 0) & (w.abs().sum(1) > 0)
+    root_k = k[live].sqrt()
+    a = root_k[:, None] * w[live]
+    lam, vec = torch.linalg.eigh(a @ sigma @ a.T)
+    order = lam.argsort(descending=True)
+    live_rank = int((lam > EIG_RTOL * lam.max()).sum())
+    top = vec[:, order[: min(rank, live_rank)]]
+    s_q = top.T @ a
+    q_b = w.new_zeros(h * C, top.shape[1])
+    q_b[live] = top / root_k[:, None]
+    return s_q, q_b
+
+
+def balance(layer: MFALayer) -> MFALayer:
+    """Rescale every latent pair so that the rows writing it and the columns reading it have equal norm.
+
+    Pair p of the key latent can be scaled by s (key rows times s, query rows of every head divided by s, and in
+    MFA-KR the output columns reading it divided by s) without changing the function; MFA value channels likewise
+    against their output columns. PCA leaves these scales arbitrary and very uneven, which derails optimisers.
+    """
+    half = layer.kv_dim // 2
+
+    def pair_norm(m: Tensor) -> Tensor:
+        n = m.pow(2).sum(1)
+        return (n[:half] + n[half:]).sqrt()
+
+    def scales(write: Tensor, read: Tensor) -> Tensor:
+        s = (read / write).sqrt()
+        s = torch.where((write > 0) & (read > 0), s, torch.ones_like(s))
+        return torch.cat([s, s])
+
+    wq_cols = layer.wq.transpose(0, 1).reshape(layer.kv_dim, -1)
+    read = pair_norm(wq_cols)
+    if layer.wv is None:
+        read = (read.pow(2) + pair_norm(layer.wo.permute(2, 0, 1).reshape(layer.kv_dim, -1)).pow(2)).sqrt()
+    s = scales(pair_norm(layer.wk), read)
+    wk, wq = layer.wk * s[:, None], layer.wq / s[None, :, None]
+    wv, wo = layer.wv, layer.wo
+    if layer.wv is None:
+        wo = wo / s[None, None, :]
+    else:
+        read_v = layer.wo.permute(2, 0, 1).reshape(layer.wv.shape[0], -1).norm(dim=1)
+        write_v = layer.wv.norm(dim=1)
+        sv = torch.where((write_v > 0) & (read_v > 0), (read_v / write_v).sqrt(), torch.ones_like(read_v))
+        wv, wo = wv * sv[:, None], wo / sv[None, None, :]
+    return MFALayer(wq=wq, wk=wk, wv=wv, wo=wo, bo=layer.bo, rope_freqs=layer.rope_freqs, scale=layer.scale)

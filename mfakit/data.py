@@ -1,0 +1,146 @@
+"""Text sources shared by calibration, evaluation and fine-tuning, and their tokenisation into fixed windows.
+
+A text spec is one of
+    builtin:pydoc                      the documentation topics of the standard library (`pydoc_data.topics`)
+    file:PATH  (or just PATH)          a plain text file; .json/.jsonl/.parquet/.csv files go through `datasets`
+    dataset:NAME[:CONFIG[:SPLIT]]      anything `datasets.load_dataset` resolves (a hub name, a local folder)
+
+The built-in corpus is split into a calibration part and a held-out evaluation part that share no text: the topics,
+sorted by name, whose index is 2 modulo 5 are the evaluation part (16 of 79 topics in Python 3.11, about 22% of the
+text), all others the calibration part. Calibration and fine-tuning read the calibration part, evaluation the other.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+BUILTINS = ("pydoc",)
+PARTS = ("calibration", "evaluation")
+DATASET_SUFFIXES = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+class TextSourceError(ValueError):
+    """A text spec that cannot be read."""
+
+
+@dataclass(frozen=True)
+class TextSource:
+    """kind: 'builtin', 'file' or 'dataset'; name: builtin name, path, or dataset NAME[:CONFIG[:SPLIT]]."""
+
+    kind: str
+    name: str
+    text_column: str = "text"
+
+    def __str__(self) -> str:
+        return f"{self.kind}:{self.name}"
+
+    def identity(self) -> str:
+        """What two specs share when they read the same text (a resolved path for files)."""
+        return str(Path(self.name).resolve()) if self.kind == "file" else str(self)
+
+
+def parse_spec(spec: str, text_column: str = "text") -> TextSource:
+    kind, sep, rest = spec.partition(":")
+    if sep and kind == "builtin":
+        if rest not in BUILTINS:
+            raise TextSourceError(f"unknown built-in corpus {rest!r} (known: {', '.join(BUILTINS)})")
+        return TextSource("builtin", rest)
+    if sep and kind == "dataset":
+        return TextSource("dataset", rest, text_column)
+    if sep and kind == "file":
+        return TextSource("file", rest, text_column)
+    if spec in BUILTINS:
+        return TextSource("builtin", spec)
+    if Path(spec).exists():
+        return TextSource("file", spec, text_column)
+    raise TextSourceError(
+        f"{spec!r} is neither an existing file nor builtin:NAME, file:PATH or dataset:NAME[:CONFIG[:SPLIT]]"
+    )
+
+
+def builtin_texts(name: str, part: str) -> list[str]:
+    """The documents of one part of a built-in corpus (see the module docstring for the split)."""
+    if name not in BUILTINS:
+        raise TextSourceError(f"unknown built-in corpus {name!r} (known: {', '.join(BUILTINS)})")
+    if part not in PARTS:
+        raise ValueError(f"part must be one of {PARTS}")
+    from pydoc_data.topics import topics
+
+    keys = sorted(topics)
+    held_out = part == "evaluation"
+    return [topics[k] for i, k in enumerate(keys) if (i % 5 == 2) == held_out]
+
+
+def _dataset_texts(
+    path_or_name: str, config: str | None, split: str, column: str, data_files: str | None = None
+) -> list[str]:
+    import datasets
+
+    try:
+        if data_files is not None:
+            ds = datasets.load_dataset(path_or_name, data_files=data_files, split=split)
+        else:
+            ds = datasets.load_dataset(path_or_name, config, split=split)
+    except Exception as err:  # datasets raises many types (network, missing, format); one line is what helps
+        raise TextSourceError(
+            f"dataset {path_or_name!r} could not be loaded: {str(err).splitlines()[0] if str(err) else type(err).__name__}"
+        ) from err
+    if column not in ds.column_names:
+        raise TextSourceError(
+            f"dataset {path_or_name!r} has no column {column!r} (columns: {', '.join(ds.column_names)})"
+        )
+    return [t for t in ds[column] if isinstance(t, str) and t]
+
+
+def load_texts(source: TextSource, part: str = "calibration") -> list[str]:
+    """The documents of a text source. `part` chooses the side of a built-in corpus; other sources are read whole."""
+    if source.kind == "builtin":
+        texts = builtin_texts(source.name, part)
+    elif source.kind == "file":
+        path = Path(source.name)
+        if not path.is_file():
+            raise TextSourceError(f"{path}: no such file")
+        if path.suffix in DATASET_SUFFIXES:
+            texts = _dataset_texts(
+                DATASET_SUFFIXES[path.suffix], None, "train", source.text_column, data_files=str(path)
+            )
+        else:
+            try:
+                texts = [path.read_text(encoding="utf-8")]
+            except UnicodeDecodeError as err:
+                raise TextSourceError(f"{path}: not UTF-8 text") from err
+    else:
+        name, config, split = (source.name.split(":") + [None, None])[:3]
+        texts = _dataset_texts(name, config or None, split or "train", source.text_column)
+    if not any(t.strip() for t in texts):
+        raise TextSourceError(f"{source}: the text is empty")
+    return texts
+
+
+def tokenize(tokenizer, texts: list[str]) -> torch.Tensor:
+    """One long token stream: documents joined by a blank line, tokenised once, without special tokens."""
+    ids = tokenizer("\n\n".join(texts), add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def spread_windows(stream: torch.Tensor, seq_len: int, n_windows: int) -> torch.Tensor:
+    """n_windows windows of seq_len tokens spread evenly over the stream (as many as fit without overlap when
+    the stream is short), shape (n, seq_len)."""
+    available = stream.numel() // seq_len
+    if available == 0:
+        raise TextSourceError(f"the text has {stream.numel()} tokens, fewer than one window of {seq_len}")
+    n = min(n_windows, available)
+    starts = torch.linspace(0, stream.numel() - seq_len, n).long() if n > 1 else torch.zeros(1, dtype=torch.long)
+    return torch.stack([stream[s : s + seq_len] for s in starts.tolist()])
+
+
+def fingerprint(texts: list[str]) -> str:
+    """A short checksum of a text collection, recorded in converted checkpoints and logs."""
+    crc = 0
+    for t in texts:
+        crc = zlib.crc32(t.encode("utf-8"), crc)
+    return f"{crc:08x}"

@@ -1,0 +1,101 @@
+"""KV-cache cost: bytes per token measured on a real cache after a real forward pass, beside the formula."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from transformers.cache_utils import get_layer_types_and_kwargs
+
+from mfakit.eval.loading import load_model
+
+
+@dataclass
+class KVReport:
+    model: str
+    kind: str  # "source", "mfa" or "mfa-kr"
+    context: int
+    batch: int
+    dtype: str
+    measured_bytes: int
+    measured_bytes_per_token: float
+    measured_bytes_per_token_per_layer: list[float]
+    formula_bytes_per_token: float
+    formula_bytes_per_token_per_layer: list[float]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def cached_numbers_per_token(config) -> tuple[str, list[int], list[int | None]]:
+    """(kind, numbers cached per token for each layer, sliding window of each layer or None).
+
+    Source (GQA/MHA): g * (d_h + d_v) = 2 g d_h. MFA: kv_dim + v_dim. MFA-KR: kv_dim (the latent alone).
+    """
+    text = config.get_text_config(decoder=True)
+    n_layers = text.num_hidden_layers
+    # The cache layers transformers builds for this config decide which layers keep only a window.
+    _, layer_kwargs = get_layer_types_and_kwargs(text)
+    windows = [kw.get("sliding_window") for kw in layer_kwargs]
+    if getattr(config, "model_type", None) == "mfa":
+        kr = config.variant == "mfa-kr"
+        numbers = [s["kv_dim"] + (0 if kr else s["v_dim"]) for s in config.mfa_layers]
+        return config.variant, numbers, windows
+    heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    return "source", [2 * heads * head_dim] * n_layers, windows
+
+
+def cache_bytes_per_layer(cache) -> list[int]:
+    """Bytes held by each layer of a transformers cache (keys and values, each storage counted once)."""
+    out = []
+    for layer in cache.layers:
+        seen, total = set(), 0
+        for t in (layer.keys, layer.values):
+            if t is None or t.numel() == 0:
+                continue
+            key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+            if key not in seen:
+                seen.add(key)
+                total += t.numel() * t.element_size()
+        out.append(total)
+    return out
+
+
+@torch.no_grad()
+def measure_kv(model, context: int, batch: int) -> list[int]:
+    """Run a real forward pass of `batch` sequences of `context` tokens with a cache; bytes cached per layer."""
+    device = next(model.parameters()).device
+    vocab = model.config.get_text_config(decoder=True).vocab_size
+    ids = torch.randint(0, vocab, (batch, context), generator=torch.Generator().manual_seed(0)).to(device)
+    out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+    cache = getattr(out, "cache", None) or out.past_key_values
+    return cache_bytes_per_layer(cache)
+
+
+def kv_report(
+    model_path: str | Path, context: int = 256, batch: int = 1, device: str = "cpu", dtype: str = "float32"
+) -> KVReport:
+    if context < 1 or batch < 1:
+        raise ValueError("context and batch must be positive")
+    model = load_model(model_path, device, dtype)
+    kind, numbers, windows = cached_numbers_per_token(model.config)
+    element = next(model.parameters()).element_size()
+    measured = measure_kv(model, context, batch)
+    tokens = context * batch
+    formula = [
+        n * element * min(context, (w - 1) if w else context) / context for n, w in zip(numbers, windows, strict=True)
+    ]
+    return KVReport(
+        model=str(model_path),
+        kind=kind,
+        context=context,
+        batch=batch,
+        dtype=dtype,
+        measured_bytes=sum(measured),
+        measured_bytes_per_token=sum(measured) / tokens,
+        measured_bytes_per_token_per_layer=[m / tokens for m in measured],
+        formula_bytes_per_token=sum(formula),
+        formula_bytes_per_token_per_layer=formula,
+    )

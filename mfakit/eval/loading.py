@@ -1,0 +1,40 @@
+"""Loading source and converted checkpoints for evaluation, with one-line errors for what is not a checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import mfakit.model  # noqa: F401  (registers the MFA classes with the Auto classes)
+from mfakit.convert.io import check_checkpoint_folder
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelLoadError(ValueError):
+    """A model path that is not a loadable causal-LM checkpoint."""
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ModelLoadError(f"dtype must be one of {', '.join(DTYPES)}, got {name!r}")
+    return DTYPES[name]
+
+
+def load_model(path: str | Path, device: str = "cpu", dtype: str = "float32") -> torch.nn.Module:
+    check_checkpoint_folder(path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype), attn_implementation="sdpa")
+    except (OSError, ValueError, KeyError) as err:
+        raise ModelLoadError(f"{path}: cannot load a causal LM ({str(err).splitlines()[0]})") from err
+    return model.to(device).eval()
+
+
+def load_tokenizer(path: str | Path):
+    check_checkpoint_folder(path)
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as err:
+        raise ModelLoadError(f"{path}: cannot load its tokenizer ({str(err).splitlines()[0]})") from err

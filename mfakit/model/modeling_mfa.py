@@ -1,0 +1,272 @@
+# Multi-matrix Factorization Attention (MFA) and MFA-Key-Reuse (MFA-KR) for Hugging Face transformers.
+#
+# This file is self-contained: it imports only torch and transformers, and mfakit copies it verbatim into every
+# converted checkpoint, so that `AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)` works without
+# mfakit installed.
+#
+# A converted model is its source model (any decoder family that transformers implements) with each decoder layer's
+# attention replaced by `MFAAttention`; embeddings, norms, MLPs/experts and the head are the source family's own
+# modules, with the source's tensor names.
+#
+# Per layer, with input x (batch, seq, hidden):
+#   MFA:     q_c = x S_Q Q_c (h heads of width C), K = x S_K (1 head of width C), V = x S_V (1 head of width v_dim)
+#   MFA-KR:  q_c as above, L = x S_K (1 head of width C); K = RoPE(L), V = L (the pre-RoPE latent is the value)
+#   out = sum_c softmax(scale * RoPE(q_c) K^T) V O_c
+# RoPE acts on channel pairs (p, p + C/2) with a per-layer frequency table `rope_freqs` (C/2 entries); a frequency of
+# 0 is a NoPE pair (cos = 1, sin = 0: the pair passes through unchanged).
+# The cache holds K (after RoPE) and V for MFA, and only the latent L for MFA-KR (its value slot is a zero-width
+# tensor), so its size in bytes is 2C (MFA: C + v_dim) or C elements per token per layer.
+
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreTrainedConfig, PreTrainedModel
+from transformers.configuration_utils import SubConfigSpec
+
+VARIANTS = ("mfa", "mfa-kr")
+
+
+class MFAConfig(PreTrainedConfig):
+    r"""Configuration of a model whose attention layers are MFA or MFA-KR.
+
+    Args:
+        text_config: the source model's configuration (any causal-LM family of transformers); it builds every
+            non-attention module and answers every attribute this config does not define itself.
+        variant: `"mfa"` or `"mfa-kr"`.
+        layers_path: dotted path of the decoder-layer list inside the source model (e.g. `"model.layers"`).
+        attention_name: attribute name of the attention module inside one decoder layer (e.g. `"self_attn"`).
+        mfa_layers: one dict per decoder layer with keys `num_heads`, `kv_dim` (C), `v_dim` (value width; equals
+            `kv_dim` for MFA-KR), `share_q_dim` (rank of the shared query down-projection, or None for an unfactored
+            query), `q_norm` (RMSNorm between the query down- and up-projection), `q_norm_eps`, `rope_freqs`
+            (`kv_dim // 2` angular frequencies, 0 for NoPE pairs), `softmax_scale`, `logit_softcap` (or None) and
+            `q_bias`, `k_bias`, `v_bias`, `o_bias`.
+        conversion: how the checkpoint was made (source, budget, calibration data, mfakit version).
+    """
+
+    model_type = "mfa"
+    sub_configs_defaults = {"text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama")}
+
+    text_config: dict | PreTrainedConfig | None = None
+    variant: str = "mfa"
+    layers_path: str = "model.layers"
+    attention_name: str = "self_attn"
+    mfa_layers: list | None = None
+    conversion: dict | None = None
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        if self.variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
+        if self.mfa_layers is not None:
+            n_layers = self.text_config.num_hidden_layers
+            if len(self.mfa_layers) != n_layers:
+                raise ValueError(f"mfa_layers has {len(self.mfa_layers)} entries for {n_layers} decoder layers")
+
+    def __getattr__(self, name: str) -> Any:
+        # Only reached when normal lookup fails: source-model attributes (vocab_size, tie_word_embeddings, ...)
+        # are answered by the source config, so the source family's own forward code can read them from here.
+        text_config = self.__dict__.get("text_config")
+        if name.startswith("__") or text_config is None or isinstance(text_config, dict):
+            raise AttributeError(name)
+        return getattr(text_config, name)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """Pairs channel t with channel t + C/2, as transformers' Llama-family RoPE does."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def rope_cos_sin(positions: torch.Tensor, rope_freqs: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """cos and sin of shape (batch, 1, seq, C) for positions (batch, seq) and per-pair frequencies (C/2,)."""
+    angles = positions.to(torch.float32)[..., None] * rope_freqs.to(torch.float32)
+    angles = torch.cat((angles, angles), dim=-1)[:, None]
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return x * cos + rotate_half(x) * sin
+
+
+class MFARMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.to(torch.float32)
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class MFAAttention(nn.Module):
+    """One MFA / MFA-KR attention layer; a drop-in replacement for a transformers decoder layer's attention."""
+
+    def __init__(self, config: MFAConfig, layer_idx: int):
+        super().__init__()
+        spec = config.mfa_layers[layer_idx]
+        hidden = config.text_config.hidden_size
+        self.config = config
+        self.layer_idx = layer_idx
+        self.key_reuse = config.variant == "mfa-kr"
+        self.num_heads = spec["num_heads"]
+        self.kv_dim = spec["kv_dim"]
+        self.v_dim = self.kv_dim if self.key_reuse else spec["v_dim"]
+        self.share_q_dim = spec.get("share_q_dim")
+        self.scaling = spec["softmax_scale"]
+        self.logit_softcap = spec.get("logit_softcap")
+        self.is_causal = True
+        if len(spec["rope_freqs"]) != self.kv_dim // 2 or self.kv_dim % 2:
+            raise ValueError(f"layer {layer_idx}: rope_freqs needs kv_dim/2 = {self.kv_dim // 2} entries")
+        q_out = self.num_heads * self.kv_dim
+        if self.share_q_dim:
+            self.q_a_proj = nn.Linear(hidden, self.share_q_dim, bias=spec["q_bias"])
+            self.q_norm = MFARMSNorm(self.share_q_dim, spec.get("q_norm_eps", 1e-6)) if spec.get("q_norm") else None
+            self.q_b_proj = nn.Linear(self.share_q_dim, q_out, bias=False)
+        else:
+            self.q_proj = nn.Linear(hidden, q_out, bias=spec["q_bias"])
+        self.k_proj = nn.Linear(hidden, self.kv_dim, bias=spec["k_bias"])
+        if not self.key_reuse:
+            self.v_proj = nn.Linear(hidden, self.v_dim, bias=spec["v_bias"])
+        self.o_proj = nn.Linear(self.num_heads * self.v_dim, hidden, bias=spec["o_bias"])
+        # Kept as numbers, not a buffer: a buffer would be cast by model.to(bfloat16) and left empty by meta init.
+        self.rope_freqs_list = [float(f) for f in spec["rope_freqs"]]
+        self.has_rope = any(f != 0 for f in self.rope_freqs_list)
+        self._rope_freqs: dict[torch.device, torch.Tensor] = {}
+
+    def rope_freqs(self, device: torch.device) -> torch.Tensor:
+        if device not in self._rope_freqs:
+            self._rope_freqs[device] = torch.tensor(self.rope_freqs_list, dtype=torch.float32, device=device)
+        return self._rope_freqs[device]
+
+    def project_query(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.share_q_dim:
+            return self.q_proj(x)
+        q = self.q_a_proj(x)
+        if self.q_norm is not None:
+            q = self.q_norm(q)
+        return self.q_b_proj(q)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Any = None,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        cache = cache if cache is not None else kwargs.get("past_key_values", kwargs.get("layer_past"))
+        bsz, seq, _ = hidden_states.shape
+        q = self.project_query(hidden_states).view(bsz, seq, self.num_heads, self.kv_dim).transpose(1, 2)
+        latent = self.k_proj(hidden_states)[:, None]  # (batch, 1, seq, C)
+        if position_ids is None and self.has_rope:
+            past = cache.get_seq_length(self.layer_idx) if cache is not None else 0
+            position_ids = torch.arange(past, past + seq, device=hidden_states.device)[None]
+        if self.has_rope:
+            cos, sin = rope_cos_sin(position_ids, self.rope_freqs(q.device), q.dtype)
+            q = apply_rope(q, cos, sin)
+        if self.key_reuse:
+            if cache is not None:
+                latent, _ = cache.update(latent, latent[..., :0], self.layer_idx)
+            key, value = latent, latent
+            if self.has_rope:
+                # The cached latent is pre-RoPE; cached tokens are contiguous and end at the newest position.
+                key_pos = position_ids
+                if cache is not None:
+                    key_pos = position_ids[:, -1:] - torch.arange(latent.shape[2] - 1, -1, -1, device=latent.device)
+                key = apply_rope(latent, *rope_cos_sin(key_pos, self.rope_freqs(q.device), latent.dtype))
+        else:
+            key = apply_rope(latent, cos, sin) if self.has_rope else latent
+            value = self.v_proj(hidden_states)[:, None]
+            if cache is not None:
+                key, value = cache.update(key, value, self.layer_idx)
+        out, weights = self.attend(q, key, value, attention_mask)
+        out = out.transpose(1, 2).reshape(bsz, seq, self.num_heads * self.v_dim)
+        return self.o_proj(out), weights
+
+    def attend(
+        self, q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Attention of h query heads (batch, h, seq, C) on one shared key/value head (batch, 1, kv_len, C);
+        the shared head is broadcast, never repeated per query head."""
+        dropout = self.config.text_config.attention_dropout if self.training else 0.0
+        dropout = dropout if isinstance(dropout, float) else 0.0
+        if mask is not None and mask.dim() == 4:
+            mask = mask[..., : key.shape[2]]
+        if self.config._attn_implementation == "eager" or self.logit_softcap is not None:
+            scores = torch.matmul(q, key.transpose(2, 3)) * self.scaling
+            if self.logit_softcap is not None:
+                scores = torch.tanh(scores / self.logit_softcap) * self.logit_softcap
+            if mask is not None:
+                scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+            weights = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+            weights = F.dropout(weights, p=dropout, training=self.training)
+            return torch.matmul(weights, value), weights
+        bsz, heads, seq, _ = q.shape
+        is_causal = seq > 1 and mask is None
+        if is_causal and key.shape[2] > seq:
+            key, value = key[:, :, :seq], value[:, :, :seq]
+        if seq == 1:
+            # Decoding: the heads become the query length of one shared head, which every SDPA kernel takes.
+            out = F.scaled_dot_product_attention(
+                q.transpose(1, 2), key, value, attn_mask=mask, dropout_p=dropout, scale=self.scaling
+            )
+            return out.transpose(1, 2), None
+        out = F.scaled_dot_product_attention(
+            q, key, value, attn_mask=mask, dropout_p=dropout, scale=self.scaling, is_causal=is_causal, enable_gqa=True
+        )
+        return out, None
+
+
+class MFAPreTrainedModel(PreTrainedModel):
+    config: MFAConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = False
+    _supports_flex_attn = False
+    _can_compile_fullgraph = False
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # The source family's initialiser covers its own modules and ours (nn.Linear, and *RMSNorm by name).
+        self._source_class._init_weights(self, module)
+
+
+class MFAForCausalLM(MFAPreTrainedModel, GenerationMixin):
+    """The source family's causal LM with MFA attention. Its submodules and tensor names are the source model's,
+    and its forward is the source family's forward."""
+
+    def __init__(self, config: MFAConfig):
+        super().__init__(config)
+        source = AutoModelForCausalLM.from_config(config.text_config)
+        self._source_class = type(source)
+        self._tied_weights_keys = source._tied_weights_keys
+        self._no_split_modules = source._no_split_modules
+        for name, child in source.named_children():
+            self.add_module(name, child)
+        for idx, layer in enumerate(self.get_submodule(config.layers_path)):
+            setattr(layer, config.attention_name, MFAAttention(config, idx))
+        self.post_init()
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self._source_class.forward(self, *args, **kwargs)
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self._source_class.get_input_embeddings(self)
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self._source_class.set_input_embeddings(self, value)
+
+    def get_output_embeddings(self) -> nn.Module | None:
+        return self._source_class.get_output_embeddings(self)
+
+    def set_output_embeddings(self, value: nn.Module) -> None:
+        self._source_class.set_output_embeddings(self, value)
+
+
+MFAConfig.register_for_auto_class()
+MFAForCausalLM.register_for_auto_class("AutoModelForCausalLM")

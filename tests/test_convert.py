@@ -1,0 +1,210 @@
+"""Conversion of tiny Llama-family checkpoints through the command line: exactness, generation, cache size,
+compression error, pass-through, sharding."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM, DynamicCache
+
+from mfakit.cli import main
+from mfakit.convert.io import LazyCheckpoint
+from tests.conftest import TINY, build_tiny, sample_ids
+
+KINDS = list(TINY)
+VARIANTS = ["mfa", "mfa-kr"]
+CALIB = ["--calib-tokens", "2048", "--calib-seq-len", "128", "--quiet"]
+
+
+def run_convert(src: Path, out: Path, variant: str, *budget: str, extra: tuple[str, ...] = ()) -> Path:
+    code = main(["convert", str(src), str(out), "--variant", variant, *budget, *CALIB, *extra])
+    assert code == 0
+    return out
+
+
+def logits(path: Path, ids: torch.Tensor) -> torch.Tensor:
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(ids).logits
+
+
+@pytest.fixture(scope="module")
+def converted(tiny, tmp_path_factory):
+    """converted(kind, variant, *budget) -> path, converted once per module."""
+    cache = {}
+
+    def get(kind: str, variant: str, *budget: str) -> Path:
+        key = (kind, variant, budget)
+        if key not in cache:
+            out = tmp_path_factory.mktemp("out") / f"{kind}-{variant}"
+            cache[key] = run_convert(tiny(kind), out, variant, *budget)
+        return cache[key]
+
+    return get
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_full_budget_is_exact(converted, tiny, tokenizer, kind, variant):
+    ids = sample_ids(tokenizer, n=48)
+    diff = (logits(converted(kind, variant, "--kv-ratio", "1.0"), ids) - logits(tiny(kind), ids)).abs().max().item()
+    assert diff <= 1e-4
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_full_budget_greedy_generation_matches(converted, tiny, tokenizer, kind, variant):
+    ids = sample_ids(tokenizer, n=12)
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # left padding in one row
+    kwargs = dict(attention_mask=mask, max_new_tokens=24, do_sample=False, pad_token_id=1)
+    source = AutoModelForCausalLM.from_pretrained(tiny(kind)).eval()
+    model = AutoModelForCausalLM.from_pretrained(converted(kind, variant, "--kv-ratio", "1.0")).eval()
+    assert torch.equal(model.generate(ids, **kwargs), source.generate(ids, **kwargs))
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_cache_bytes_equal_formula(converted, tokenizer, variant):
+    path = converted("llama-gqa", variant, "--kv-ratio", "0.5")
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    ids = sample_ids(tokenizer, n=20, batch=3)
+    cache = model(ids, cache=DynamicCache(config=model.config), use_cache=True).cache
+    for layer, spec in zip(cache.layers, model.config.mfa_layers, strict=True):
+        numbers = spec["kv_dim"] if variant == "mfa-kr" else spec["kv_dim"] + spec["v_dim"]
+        held = layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
+        assert held == 3 * 20 * numbers * 4
+    # Source GQA: 2 heads x 16 x (key + value) = 64 numbers; half budget: 32.
+    assert sum(s["kv_dim"] + (0 if variant == "mfa-kr" else s["v_dim"]) for s in model.config.mfa_layers) == 2 * 32
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("kind", ["llama-gqa", "qwen2"])
+def test_error_falls_as_budget_grows(converted, tiny, tokenizer, kind, variant):
+    ids = sample_ids(tokenizer, n=64)
+    ref = logits(tiny(kind), ids)
+    errors = []
+    for ratio in ["0.125", "0.25", "0.5", "0.75"]:
+        out = logits(converted(kind, variant, "--kv-ratio", ratio), ids)
+        errors.append((out - ref).pow(2).mean().item())
+    assert all(a > b for a, b in zip(errors, errors[1:], strict=False)), errors
+    assert errors[-1] > 0
+
+
+def test_non_attention_tensors_pass_through_bit_identical(converted, tiny):
+    src = LazyCheckpoint(tiny("qwen2"))
+    out = LazyCheckpoint(converted("qwen2", "mfa-kr", "--kv-ratio", "0.5"))
+    passed = [n for n in src.names() if ".self_attn." not in n]
+    assert passed and set(passed) <= set(out.names())
+    for name in passed:
+        a, b = src.get(name), out.get(name)
+        assert a.dtype == b.dtype and torch.equal(a, b), name
+
+
+def test_sharded_input_and_config_record(tmp_path, tokenizer):
+    src = build_tiny("llama-gqa", tmp_path / "src", tokenizer, seed=3, max_shard_size="100KB")
+    assert (src / "model.safetensors.index.json").exists()
+    out = run_convert(src, tmp_path / "out", "mfa-kr", "--kv-ratio", "1.0")
+    ids = sample_ids(tokenizer, n=32)
+    assert (logits(out, ids) - logits(src, ids)).abs().max().item() <= 1e-4
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "mfa" and config["variant"] == "mfa-kr"
+    assert config["text_config"]["model_type"] == "llama"
+    assert config["conversion"]["calibration_tokens"] == 2048
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_mfa.MFAForCausalLM"
+    for spec in config["mfa_layers"]:
+        assert spec["kv_dim"] == 64 and len(spec["rope_freqs"]) == 32
+        # 16 RoPE pairs (2 heads x 8 frequencies) keep their frequencies, the 16 value pairs are NoPE.
+        assert sorted(spec["rope_freqs"])[:16] == [0.0] * 16
+        assert sorted(set(spec["rope_freqs"]) - {0.0}) == sorted(set(config_rope(src)))
+    for name in ("tokenizer.json", "tokenizer_config.json", "modeling_mfa.py", "generation_config.json"):
+        assert (out / name).exists(), name
+
+
+def config_rope(src: Path) -> list[float]:
+    from transformers import AutoConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    return LlamaRotaryEmbedding(AutoConfig.from_pretrained(src)).inv_freq.tolist()
+
+
+def test_output_is_sharded_when_large(tiny, tmp_path):
+    from mfakit.convert.convert import convert
+
+    out = tmp_path / "out"
+    convert(
+        tiny("llama-gqa"),
+        out,
+        variant="mfa",
+        kv_ratio=0.5,
+        calib_tokens=512,
+        calib_seq_len=128,
+        max_shard_bytes=200_000,
+        progress=False,
+    )
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = set(index["weight_map"].values())
+    assert len(shards) > 1
+    for shard in shards:
+        with safe_open(out / shard, framework="pt") as f:
+            assert all(index["weight_map"][k] == shard for k in f.keys())
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_shared_query_factorization(tiny, tokenizer, tmp_path, variant):
+    src = tiny("llama-gqa")
+    ids = sample_ids(tokenizer, n=48)
+    ref = logits(src, ids)
+    full = run_convert(src, tmp_path / "full", variant, "--kv-ratio", "1.0", extra=("--share-q-dim", "65"))
+    assert (logits(full, ids) - ref).abs().max().item() <= 1e-4
+    errors = []
+    for rank in ("8", "24", "48"):
+        out = run_convert(src, tmp_path / rank, variant, "--kv-ratio", "1.0", extra=("--share-q-dim", rank))
+        errors.append((logits(out, ids) - ref).pow(2).mean().item())
+    assert errors[0] > errors[1] > errors[2] > 0
+    names = LazyCheckpoint(tmp_path / "8").names()
+    assert any(n.endswith("q_a_proj.weight") for n in names) and not any(n.endswith(".q_proj.weight") for n in names)
+
+
+def test_loads_with_remote_code_alone(converted, tiny, tokenizer, tmp_path):
+    """The checkpoint's own modeling file serves `trust_remote_code=True` in a process that never imports mfakit."""
+    path = converted("mistral", "mfa-kr", "--kv-ratio", "0.5")
+    ids = sample_ids(tokenizer, n=24)
+    torch.save(ids, tmp_path / "ids.pt")
+    script = f"""
+import sys, torch
+sys.modules["mfakit"] = None
+from transformers import AutoModelForCausalLM
+m = AutoModelForCausalLM.from_pretrained({str(path)!r}, trust_remote_code=True).eval()
+assert type(m).__module__.startswith("transformers_modules"), type(m).__module__
+with torch.no_grad():
+    torch.save(m(torch.load({str(tmp_path / "ids.pt")!r})).logits, {str(tmp_path / "remote.pt")!r})
+"""
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=tmp_path)
+    remote = torch.load(tmp_path / "remote.pt")
+    assert torch.allclose(remote, logits(path, ids), atol=1e-5)
+
+
+def test_console_script(tiny, tmp_path):
+    out = tmp_path / "out"
+    cmd = [
+        sys.executable,
+        "-m",
+        "mfakit.cli",
+        "convert",
+        str(tiny("llama-mha")),
+        str(out),
+        "--variant",
+        "mfa",
+        "--kv-dim",
+        "32",
+        *CALIB,
+    ]
+    result = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    assert "KV cache per token: 1,024 -> 512 bytes" in result.stdout
+    assert (out / "config.json").exists()

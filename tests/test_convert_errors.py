@@ -1,0 +1,166 @@
+"""Bad input to `mfakit convert` ends in one clear line, exit code 2, and leaves nothing behind."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, GPT2Config, Qwen3Config
+
+from mfakit.cli import main
+
+CALIB = ["--calib-tokens", "512", "--calib-seq-len", "128", "--quiet"]
+
+
+def one_error_line(capsys, argv: list[str]) -> str:
+    """Run the CLI; it must exit 2 with exactly one error line, and that line last."""
+    capsys.readouterr()
+    code = main(argv)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    errors = [line for line in lines if line.startswith("mfakit: error: ")]
+    assert len(errors) == 1 and lines[-1] == errors[0], lines
+    return errors[0]
+
+
+def convert_error(capsys, src: Path, out: Path, *args: str) -> str:
+    err = one_error_line(capsys, ["convert", str(src), str(out), *args, *CALIB])
+    assert not out.exists()
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]
+    return err
+
+
+def save_random(config, folder: Path, tokenizer) -> Path:
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_unsupported_family_names_the_supported(capsys, tmp_path, tokenizer):
+    src = save_random(GPT2Config(vocab_size=384, n_embd=32, n_layer=1, n_head=2), tmp_path / "gpt2", tokenizer)
+    err = convert_error(capsys, src, tmp_path / "out", "--variant", "mfa", "--kv-ratio", "0.5")
+    assert "unsupported model type 'gpt2'" in err and "llama, mistral, qwen2" in err
+
+
+def test_qk_norm_is_refused(capsys, tmp_path, tokenizer):
+    config = Qwen3Config(
+        vocab_size=384,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+    )
+    src = save_random(config, tmp_path / "qwen3", tokenizer)
+    err = convert_error(capsys, src, tmp_path / "out", "--variant", "mfa-kr", "--kv-ratio", "0.5")
+    assert "QK-norm" in err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--variant", "mfa", "--kv-dim", "34"), "above the exact budget"),
+        (("--variant", "mfa-kr", "--kv-dim", "66"), "above the exact budget"),
+        (("--variant", "mfa", "--kv-dim", "1"), "even number >= 2"),
+        (("--variant", "mfa", "--kv-dim", "7"), "even number >= 2"),
+        (("--variant", "mfa", "--kv-ratio", "1.5"), "kv_ratio must be in (0, 1]"),
+        (("--variant", "mfa-kr", "--kv-ratio", "0"), "kv_ratio must be in (0, 1]"),
+        (("--variant", "mfa", "--kv-ratio", "0.5", "--share-q-dim", "0"), "share_q_dim must be positive"),
+        (("--variant", "mfa", "--kv-ratio", "0.5", "--calib", "nosuchfile.txt"), "neither an existing file"),
+    ],
+)
+def test_bad_budget_or_option(capsys, tmp_path, tiny, args, message):
+    assert message in convert_error(capsys, tiny("llama-gqa"), tmp_path / "out", *args)
+
+
+def test_missing_tensor_is_named(capsys, tmp_path, tiny):
+    src = tmp_path / "src"
+    shutil.copytree(tiny("llama-gqa"), src)
+    tensors = load_file(src / "model.safetensors")
+    del tensors["model.layers.1.self_attn.k_proj.weight"]
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    err = convert_error(capsys, src, tmp_path / "out", "--variant", "mfa", "--kv-ratio", "0.5")
+    assert "model.layers.1.self_attn.k_proj.weight is missing" in err
+
+
+def test_not_a_checkpoint(capsys, tmp_path):
+    (tmp_path / "empty").mkdir()
+    err = convert_error(capsys, tmp_path / "empty", tmp_path / "out", "--variant", "mfa", "--kv-ratio", "0.5")
+    assert "not a checkpoint folder (no config.json)" in err
+    err = convert_error(capsys, tmp_path / "nope", tmp_path / "out", "--variant", "mfa", "--kv-ratio", "0.5")
+    assert "no such folder" in err
+
+
+def test_output_cannot_be_the_source(capsys, tiny):
+    src = tiny("llama-gqa")
+    err = one_error_line(
+        capsys, ["convert", str(src), str(src), "--variant", "mfa", "--kv-ratio", "0.5", "--overwrite", *CALIB]
+    )
+    assert "is the source checkpoint" in err
+    assert (src / "model.safetensors").exists()
+
+
+def test_existing_output_needs_overwrite(capsys, tmp_path, tiny):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    err = one_error_line(
+        capsys, ["convert", str(tiny("llama-gqa")), str(out), "--variant", "mfa", "--kv-ratio", "0.5", *CALIB]
+    )
+    assert "exists (pass --overwrite" in err
+    assert (out / "keep.txt").read_text() == "mine"
+    assert (
+        main(
+            [
+                "convert",
+                str(tiny("llama-gqa")),
+                str(out),
+                "--variant",
+                "mfa",
+                "--kv-ratio",
+                "0.5",
+                "--overwrite",
+                *CALIB,
+            ]
+        )
+        == 0
+    )
+    assert (out / "config.json").exists() and not (out / "keep.txt").exists()
+
+
+def test_interrupted_conversion_leaves_nothing(tmp_path, tiny, monkeypatch):
+    from mfakit.convert import convert as convert_module
+
+    calls = []
+
+    def interrupt(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    real = convert_module.convert_layer
+    monkeypatch.setattr(convert_module, "convert_layer", interrupt)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        convert_module.convert(
+            tiny("llama-gqa"), out, variant="mfa", kv_ratio=0.5, calib_tokens=256, calib_seq_len=128, progress=False
+        )
+    assert len(calls) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_source_dtype_kept(tmp_path, tiny):
+    from mfakit.convert.convert import convert
+
+    src = tmp_path / "bf16"
+    AutoModelForCausalLM.from_pretrained(tiny("qwen2"), dtype=torch.bfloat16).save_pretrained(src)
+    shutil.copy(tiny("qwen2") / "tokenizer.json", src)
+    shutil.copy(tiny("qwen2") / "tokenizer_config.json", src)
+    convert(src, tmp_path / "out", variant="mfa-kr", kv_ratio=0.5, calib_tokens=256, calib_seq_len=128, progress=False)
+    out = load_file(tmp_path / "out" / "model.safetensors")
+    assert {t.dtype for t in out.values()} == {torch.bfloat16}
