@@ -21,8 +21,8 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 lint: $(STAMP)
-	$(PY) -m ruff check mfakit tests scripts
-	$(PY) -m ruff format --check mfakit tests scripts
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 
 test: lint
 	$(PY) -m pytest
