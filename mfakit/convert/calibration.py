@@ -3,7 +3,7 @@ moment of the attention input. Only one decoder layer's weights and the calibrat
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -114,21 +114,69 @@ class SecondMoment:
         return self.sum / max(self.count, 1)
 
 
+class _Stop(Exception):
+    """Raised inside a forward pass once what was wanted has been recorded."""
+
+
+@dataclass
+class LayerRun:
+    """What one pass of the calibration batches through a decoder layer recorded (None where not asked for)."""
+
+    hidden: list[torch.Tensor] | None  # the layer's outputs: the next layer's inputs
+    attn_in: list[torch.Tensor] | None  # the attention's input (after the layer's input norm)
+    attn_out: list[torch.Tensor] | None  # the attention's output (before the residual add)
+
+
 def run_layer(
-    layer: nn.Module, attention: nn.Module, inputs: LayerInputs, layer_idx: int, moment: SecondMoment | None
-) -> Iterator[torch.Tensor]:
-    """Each batch's output of one decoder layer; the attention input goes into `moment` on the way."""
+    layer: nn.Module,
+    attention: nn.Module,
+    hidden: list[torch.Tensor],
+    layer_args: list[tuple[tuple, dict]],
+    *,
+    attn_in: bool = False,
+    attn_out: bool = False,
+    outputs: bool = True,
+) -> LayerRun:
+    """Run each calibration batch through one decoder layer, recording the attention's input and output on the way.
+    With outputs=False the pass stops at the attention's input (the rest of the layer is not computed)."""
+    ins: list[torch.Tensor] = []
+    outs: list[torch.Tensor] = []
+    results: list[torch.Tensor] = []
 
-    def hook(_module, args, kwargs):
-        x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        moment.update(x)
+    def pre_hook(_module, args, kwargs):
+        ins.append(kwargs["hidden_states"] if "hidden_states" in kwargs else args[0])
+        if not outputs:
+            raise _Stop
 
-    handle = attention.register_forward_pre_hook(hook, with_kwargs=True) if moment is not None else None
+    def post_hook(_module, _args, out):
+        outs.append(out[0] if isinstance(out, tuple) else out)
+
+    handles = []
+    if attn_in or not outputs:
+        handles.append(attention.register_forward_pre_hook(pre_hook, with_kwargs=True))
+    if attn_out:
+        handles.append(attention.register_forward_hook(post_hook))
     try:
         with torch.no_grad():
-            for hidden, (args, kwargs) in zip(inputs.hidden, inputs.layer_args[layer_idx], strict=True):
-                out = layer(hidden, *args, **kwargs)
-                yield out[0] if isinstance(out, tuple) else out
+            for h, (args, kwargs) in zip(hidden, layer_args, strict=True):
+                try:
+                    out = layer(h, *args, **kwargs)
+                except _Stop:
+                    continue
+                results.append(out[0] if isinstance(out, tuple) else out)
     finally:
-        if handle is not None:
+        for handle in handles:
             handle.remove()
+    return LayerRun(
+        hidden=results if outputs else None,
+        attn_in=ins if attn_in or not outputs else None,
+        attn_out=outs if attn_out else None,
+    )
+
+
+def second_moment(batches: list[torch.Tensor]) -> torch.Tensor:
+    """Sigma = E[x~ x~^T] of x~ = [x; 1] over every token of the batches, in float64."""
+    moment = SecondMoment(batches[0].shape[-1])
+    for x in batches:
+        moment.update(x)
+    return moment.value()

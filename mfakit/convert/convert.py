@@ -29,16 +29,17 @@ from mfakit.convert.adapters import (
     read_attention,
     rope_parameters,
 )
-from mfakit.convert.calibration import SecondMoment, embed, load_module, meta_skeleton, run_layer
+from mfakit.convert.calibration import embed, load_module, meta_skeleton, run_layer, second_moment
 from mfakit.convert.io import LazyCheckpoint, ShardedWriter, atomic_folder, copy_side_files, resolve_checkpoint
 from mfakit.data import fingerprint, load_texts, parse_spec, spread_windows, tokenize
 from mfakit.model import modeling_mfa
-from mfakit.model.modeling_mfa import VARIANTS, MFAConfig
+from mfakit.model.modeling_mfa import VARIANTS, MFAAttention, MFAConfig
 
 DEFAULT_CALIB = "builtin:pydoc"
 DEFAULT_CALIB_TOKENS = 16384
 DEFAULT_CALIB_SEQ_LEN = 512
 CALIB_BATCH = 8
+READOUT_FOLDS = 8
 
 
 class BudgetError(ValueError):
@@ -77,14 +78,46 @@ def _even(x: float) -> int:
     return max(2, 2 * round(x / 2))
 
 
+@dataclass(frozen=True)
+class Method:
+    """How a layer is factorized below the exact budget (the exact embedding needs none of this).
+
+    sequential: gather layer l's statistics on the inputs that the already converted layers 0..l-1 produce, so
+        their errors are seen and compensated rather than compounded.
+    refit: least-squares refit of the output projection against the source layer's attention output.
+    key_fraction: share of the cache given to key channels (MFA-KR: of C; MFA: of C + v_dim); None: 0.8 for
+        MFA-KR, 0.5 for MFA.
+    nope_angle: RoPE pairs that turn by at most this many radians over `nope_context` tokens (default: the model's
+        max_position_embeddings) become NoPE channels; 0 keeps every frequency.
+    """
+
+    sequential: bool = True
+    refit: bool = True
+    key_fraction: float | None = None
+    nope_angle: float = 1.0
+    nope_context: int | None = None
+
+    def key_share(self, variant: str) -> float:
+        return self.key_fraction if self.key_fraction is not None else (0.8 if variant == "mfa-kr" else 0.5)
+
+
+PLAIN = Method(sequential=False, refit=False, key_fraction=0.5, nope_angle=0.0)  # the first, uniform method
+
+
 def plan_widths(
-    variant: str, key_width: int, value_width: int, kv_ratio: float | None, kv_dim: int | None
+    variant: str,
+    key_width: int,
+    value_width: int,
+    kv_ratio: float | None,
+    kv_dim: int | None,
+    key_fraction: float = 0.5,
 ) -> tuple[int, int]:
     """(kv_dim, v_dim) of every layer for a budget.
 
     The source caches key_width + value_width (g*d_h + g*d_v) numbers per token per layer. MFA caches kv_dim + v_dim
     and is exact at kv_dim = g*d_h, v_dim = g*d_v; MFA-KR caches kv_dim and is exact at kv_dim = g*(d_h + d_v).
-    `kv_ratio` is the cache relative to the source's; `kv_dim` is C itself (MFA: both widths).
+    `kv_ratio` is the cache relative to the source's (MFA splits it key_fraction : 1 - key_fraction between keys
+    and values); `kv_dim` is C itself (MFA: both widths).
     """
     if (kv_ratio is None) == (kv_dim is None):
         raise BudgetError("give exactly one of kv_ratio and kv_dim")
@@ -93,11 +126,13 @@ def plan_widths(
     if kv_ratio is not None:
         if not 0 < kv_ratio <= 1:
             raise BudgetError(f"kv_ratio must be in (0, 1], got {kv_ratio} (1.0 is the exact conversion)")
-        if variant == "mfa":
-            C = key_width if kv_ratio == 1 else _even(kv_ratio * key_width)
-            v = value_width if kv_ratio == 1 else max(1, round(kv_ratio * value_width))
-            return C, v
-        return (exact if kv_ratio == 1 else _even(kv_ratio * source)), 0
+        if kv_ratio == 1:
+            return (key_width, value_width) if variant == "mfa" else (exact, 0)
+        total = kv_ratio * source
+        if variant == "mfa-kr":
+            return _even(total), 0
+        C = min(_even(key_fraction * total), key_width)
+        return C, max(1, min(value_width, round(total) - C))
     if kv_dim > exact:
         raise BudgetError(f"kv_dim {kv_dim} is above the exact budget of this model ({variant}: C = {exact})")
     if kv_dim < 2 or kv_dim % 2:
@@ -107,17 +142,72 @@ def plan_widths(
     return kv_dim, 0
 
 
-def convert_layer(src: fz.SourceAttention, sigma: torch.Tensor, variant: str, kv_dim: int, v_dim: int) -> fz.MFALayer:
-    """One layer at a budget: the exact embedding at full width, the calibrated factorization below it."""
+def is_exact(src: fz.SourceAttention, variant: str, kv_dim: int, v_dim: int) -> bool:
     g, dh, dv = src.num_kv_heads, src.wk.shape[1], src.wv.shape[1]
+    return (kv_dim, v_dim) == (g * dh, g * dv) if variant == "mfa" else kv_dim == g * (dh + dv)
+
+
+def convert_layer(
+    src: fz.SourceAttention, sigma: torch.Tensor, variant: str, kv_dim: int, v_dim: int, method: Method, context: int
+) -> fz.MFALayer:
+    """One layer at a budget: the exact embedding at full width, the calibrated factorization below it."""
+    if is_exact(src, variant, kv_dim, v_dim):
+        return fz.exact_mfa(src) if variant == "mfa" else fz.exact_mfa_kr(src)
+    if method.nope_angle > 0:
+        src = fz.nope_low_frequencies(src, method.nope_angle, context)
     if variant == "mfa":
-        if kv_dim == g * dh and v_dim == g * dv:
-            return fz.exact_mfa(src)
         return fz.compress_mfa(src, sigma, kv_dim, v_dim)
-    if kv_dim == g * (dh + dv):
-        return fz.exact_mfa_kr(src)
-    key_channels = min(g * dh, 2 * (kv_dim // 4))
+    key_channels = min(src.wk.shape[0] * src.wk.shape[1], _even(method.key_share(variant) * kv_dim), kv_dim)
     return fz.compress_mfa_kr(src, sigma, kv_dim, key_channels)
+
+
+def mfa_module(
+    config, variant: str, layout: AttentionLayout, spec: dict, tensors: dict[str, torch.Tensor], layer: int
+) -> MFAAttention:
+    """The converted attention of one layer as a module (for the refit and the sequential pass)."""
+    layer_config = MFAConfig(text_config=config, variant=variant, mfa_layers=[spec] * config.num_hidden_layers)
+    layer_config._attn_implementation = "sdpa"
+    module = MFAAttention(layer_config, layer)
+    prefix = layout.attention_prefix(layer) + "."
+    module.load_state_dict({k.removeprefix(prefix): v for k, v in tensors.items()}, strict=True)
+    return module.eval()
+
+
+def readout_statistics(
+    module: MFAAttention,
+    x: list[torch.Tensor],
+    y: list[torch.Tensor],
+    layer_args: list,
+    bias: torch.Tensor | None,
+    folds: int = READOUT_FOLDS,
+) -> list[fz.ReadoutStats]:
+    """Readout statistics in `folds` folds (calibration sequences dealt round-robin): the converted layer's
+    output-projection input on its calibration inputs against the source attention output (bias removed)."""
+    n = module.o_proj.in_features
+    d = y[0].shape[-1]
+    stats = [
+        fz.ReadoutStats(torch.zeros(n, n, dtype=torch.float64), torch.zeros(n, d, dtype=torch.float64), 0.0, 0)
+        for _ in range(folds)
+    ]
+    features: list[torch.Tensor] = []
+    handle = module.o_proj.register_forward_pre_hook(lambda _m, args: features.append(args[0]))
+    row = 0
+    try:
+        with torch.no_grad():
+            for xb, yb, (_, kwargs) in zip(x, y, layer_args, strict=True):
+                features.clear()
+                module(xb, attention_mask=kwargs.get("attention_mask"), position_ids=kwargs.get("position_ids"))
+                for u, target in zip(features[0], yb, strict=True):
+                    u = u.reshape(-1, n).to(torch.float64).cpu()
+                    target = target.reshape(-1, d).to(torch.float64).cpu()
+                    if bias is not None:
+                        target = target - bias
+                    k = row % folds
+                    stats[k] = stats[k] + fz.ReadoutStats(u.T @ u, u.T @ target, float(target.pow(2).sum()), u.shape[0])
+                    row += 1
+    finally:
+        handle.remove()
+    return [s for s in stats if s.energy > 0]
 
 
 def _source_params(ckpt: LazyCheckpoint) -> int:
@@ -148,6 +238,7 @@ def convert(
     kv_ratio: float | None = None,
     kv_dim: int | None = None,
     share_q_dim: int | None = None,
+    method: Method = Method(),
     calib: str = DEFAULT_CALIB,
     calib_tokens: int = DEFAULT_CALIB_TOKENS,
     calib_seq_len: int = DEFAULT_CALIB_SEQ_LEN,
@@ -169,6 +260,8 @@ def convert(
         raise BudgetError(
             f"calib_tokens ({calib_tokens}) must be at least one window of calib_seq_len ({calib_seq_len})"
         )
+    if not 0 < method.key_share(variant) <= 1:
+        raise BudgetError(f"key_fraction must be in (0, 1], got {method.key_fraction}")
     compute_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(dtype)
     if compute_dtype is None:
         raise BudgetError(f"dtype must be float32 or bfloat16, got {dtype!r}")
@@ -183,7 +276,8 @@ def convert(
     attn0 = skeleton.get_submodule(layout.attention_prefix(0))
     n_heads, n_kv = config.num_attention_heads, config.num_key_value_heads
     head_dim = attn0.head_dim
-    widths = plan_widths(variant, n_kv * head_dim, n_kv * head_dim, kv_ratio, kv_dim)
+    widths = plan_widths(variant, n_kv * head_dim, n_kv * head_dim, kv_ratio, kv_dim, method.key_share(variant))
+    context = method.nope_context or config.max_position_embeddings
     if share_q_dim is not None and not 0 < share_q_dim:
         raise BudgetError(f"share_q_dim must be positive, got {share_q_dim}")
     if Path(out).exists() and not overwrite:
@@ -202,15 +296,18 @@ def convert(
         for name in ckpt.names():
             if not name.startswith(tuple(layer_prefixes)):
                 writer.add(name, ckpt.get(name))
+        source_stream = converted_stream = inputs.hidden
         specs = []
         out_dtype = None
         bar = tqdm(range(n_layers), desc="converting layers", disable=not progress, unit="layer")
         for i in bar:
-            path = f"{layout.layers_path}.{i}"
-            layer = load_module(skeleton, path, ckpt, device, compute_dtype)
-            moment = SecondMoment(config.hidden_size)
-            inputs.hidden = list(run_layer(layer, layer.get_submodule(layout.attention_name), inputs, i, moment))
-            layer.to("meta")
+            args = inputs.layer_args[i]
+            layer = load_module(skeleton, f"{layout.layers_path}.{i}", ckpt, device, compute_dtype)
+            attention = layer.get_submodule(layout.attention_name)
+            src_run = run_layer(layer, attention, source_stream, args, attn_in=True, attn_out=method.refit)
+            x = src_run.attn_in
+            if converted_stream is not source_stream:
+                x = run_layer(layer, attention, converted_stream, args, outputs=False).attn_in
             src = read_attention(
                 layout,
                 ckpt,
@@ -221,19 +318,42 @@ def convert(
                 rope_scaling=rope_scaling,
                 scale=float(attn0.scaling),
             )
-            sigma = moment.value()
-            mfa = fz.balance(convert_layer(src, sigma, variant, *widths))
-            q_factors = fz.factor_query(mfa, sigma, share_q_dim) if share_q_dim else None
+            exact = is_exact(src, variant, *widths)
+            sigma = second_moment(x)
+            mfa = convert_layer(src, sigma, variant, *widths, method, context)
             consumed = attention_tensor_names(layout, ckpt, i)
             out_dtype = ckpt.get(consumed[0]).dtype
-            for name, tensor in mfa_tensors(layout, i, mfa, src, out_dtype, q_factors).items():
+            module = None
+            if method.refit and not exact:
+                spec = mfa_layer_spec(mfa, src, None)
+                module = mfa_module(config, variant, layout, spec, mfa_tensors(layout, i, mfa, src, torch.float32), i)
+                module.to(device=device, dtype=compute_dtype)
+                folds = readout_statistics(module, x, src_run.attn_out, args, src.bo)
+                mfa, _ = fz.readout_refit(mfa, folds)
+            mfa = fz.balance(mfa)
+            q_factors = fz.factor_query(mfa, sigma, share_q_dim) if share_q_dim else None
+            tensors = mfa_tensors(layout, i, mfa, src, out_dtype, q_factors)
+            for name, tensor in tensors.items():
                 writer.add(name, tensor)
             for name in ckpt.names():
                 if name.startswith(layer_prefixes[i]) and name not in consumed:
                     writer.add(name, ckpt.get(name))
-            specs.append(mfa_layer_spec(mfa, src, q_factors[0].shape[0] if q_factors else None))
+            spec = mfa_layer_spec(mfa, src, q_factors[0].shape[0] if q_factors else None)
+            specs.append(spec)
+            next_source = src_run.hidden
+            if method.sequential and not exact:
+                converted = mfa_module(config, variant, layout, spec, tensors, i).to(device=device, dtype=compute_dtype)
+                layer.set_submodule(layout.attention_name, converted)
+                converted_stream = run_layer(layer, converted, converted_stream, args).hidden
+            elif converted_stream is source_stream:
+                converted_stream = next_source
+            else:
+                converted_stream = run_layer(layer, attention, converted_stream, args).hidden
+            source_stream = next_source
+            del module
+            layer.to("meta")
         writer.finish()
-        summary = _finish_checkpoint(
+        cached = _finish_checkpoint(
             tmp,
             folder,
             config,
@@ -242,10 +362,11 @@ def convert(
             specs,
             out_dtype,
             conversion={
-                "source": str(source),
+                "source": str(folder.resolve()) if Path(source).is_dir() else str(source),
                 "kv_ratio": kv_ratio,
                 "kv_dim": kv_dim,
                 "share_q_dim": share_q_dim,
+                "method": asdict(method),
                 "calibration": calib_description,
                 "calibration_tokens": n_calib,
                 "calibration_seq_len": calib_seq_len,
@@ -253,15 +374,14 @@ def convert(
             },
         )
     element = torch.tensor([], dtype=out_dtype).element_size()
-    params_after = _source_params(LazyCheckpoint(Path(out)))
     return ConvertSummary(
         out=str(out),
         variant=variant,
         kv_dim=[s["kv_dim"] for s in specs],
         kv_bytes_per_token_before=2 * n_kv * head_dim * n_layers * element,
-        kv_bytes_per_token_after=summary * element,
+        kv_bytes_per_token_after=cached * element,
         params_before=_source_params(ckpt),
-        params_after=params_after,
+        params_after=_source_params(LazyCheckpoint(Path(out))),
         calib=calib_description,
         calib_tokens=n_calib,
         seconds=time.time() - start,

@@ -16,7 +16,8 @@ from safetensors.torch import save_file
 WEIGHT_INDEX = "model.safetensors.index.json"
 WEIGHT_FILE = "model.safetensors"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack")
-NOT_COPIED = {"config.json", WEIGHT_INDEX, "pytorch_model.bin.index.json"}
+# A fine-tuning log belongs to the run that wrote it, not to checkpoints made from its output.
+NOT_COPIED = {"config.json", WEIGHT_INDEX, "pytorch_model.bin.index.json", "finetune-log.jsonl"}
 
 
 class CheckpointError(ValueError):

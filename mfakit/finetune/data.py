@@ -1,0 +1,103 @@
+"""Training data for fine-tuning: text specs (as in evaluation) or text sampled from the teacher, packed into
+fixed-length sequences, and a deterministic order over them that every rank and every resumed run agrees on.
+
+A training spec is any text spec of `mfakit.data` (builtin:pydoc reads its calibration part, never the held-out
+part) or `generate:N`: N tokens sampled from the teacher, for a user who has no corpus.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mfakit.data import TextSource, TextSourceError, load_texts, parse_spec, tokenize
+
+GENERATE_PREFIX = "generate:"
+
+
+def parse_train_spec(spec: str, text_column: str = "text") -> TextSource | int:
+    """A text source, or the number of tokens to sample from the teacher for `generate:N`."""
+    if spec.startswith(GENERATE_PREFIX):
+        count = spec.removeprefix(GENERATE_PREFIX)
+        if not count.isdigit() or int(count) == 0:
+            raise TextSourceError(f"generate:N needs a positive token count, got {spec!r}")
+        return int(count)
+    return parse_spec(spec, text_column)
+
+
+def check_disjoint(train: list[TextSource | int], held_out: TextSource | None) -> None:
+    """Refuse to train on the evaluation text. The built-in corpus is the exception: training reads its
+    calibration part and evaluation its held-out part, which share no text."""
+    if held_out is None or held_out.kind == "builtin":
+        return
+    for source in train:
+        if isinstance(source, TextSource) and source.identity() == held_out.identity():
+            raise TextSourceError(f"{held_out} is both training data and evaluation text; give them different text")
+
+
+def pack(stream: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """Non-overlapping windows of seq_len tokens, (n, seq_len); the tail shorter than a window is dropped."""
+    n = stream.numel() // seq_len
+    if n == 0:
+        raise TextSourceError(f"the training text has {stream.numel()} tokens, fewer than one sequence of {seq_len}")
+    return stream[: n * seq_len].view(n, seq_len)
+
+
+@torch.no_grad()
+def sample_teacher(
+    teacher: torch.nn.Module, tokenizer, n_tokens: int, seq_len: int, batch_size: int, seed: int
+) -> torch.Tensor:
+    """About n_tokens tokens (a whole number of seq_len sequences) sampled from the teacher at temperature 1,
+    each sequence started from the beginning-of-text token; one stream."""
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if start is None:
+        raise TextSourceError("generate:N needs a tokenizer with a beginning- or end-of-text token")
+    device = next(teacher.parameters()).device
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        pieces, total = [], 0
+        while total < n_tokens:
+            rows = min(batch_size, -(-(n_tokens - total) // seq_len))
+            prompt = torch.full((rows, 1), start, dtype=torch.long, device=device)
+            out = teacher.generate(
+                prompt,
+                attention_mask=torch.ones_like(prompt),
+                do_sample=True,
+                temperature=1.0,
+                top_k=0,
+                top_p=1.0,
+                max_new_tokens=seq_len - 1,
+                min_new_tokens=seq_len - 1,
+                pad_token_id=start,
+            )
+            pieces.append(out.reshape(-1).cpu())
+            total += out.numel()
+    finally:
+        torch.random.set_rng_state(generator_state)
+    return torch.cat(pieces)
+
+
+def training_stream(sources: list[TextSource | int], tokenizer, teacher, seq_len: int, seed: int) -> torch.Tensor:
+    """All training tokens as one stream, sources in the order given."""
+    streams = []
+    for source in sources:
+        if isinstance(source, int):
+            if teacher is None:
+                raise TextSourceError("generate:N samples from the teacher; give a teacher")
+            streams.append(sample_teacher(teacher, tokenizer, source, seq_len, batch_size=8, seed=seed))
+        else:
+            streams.append(tokenize(tokenizer, load_texts(source, part="calibration")))
+    return torch.cat(streams)
+
+
+def sequence_indices(position: int, count: int, n_sequences: int, seed: int) -> list[int]:
+    """Sequences `position .. position + count - 1` of an endless stream of epochs, each epoch a fresh permutation
+    of the n_sequences seeded by (seed, epoch). A run at any step, on any rank, resumed or not, reads the same."""
+    out: list[int] = []
+    perms: dict[int, list[int]] = {}
+    for p in range(position, position + count):
+        epoch = p // n_sequences
+        if epoch not in perms:
+            perms[epoch] = torch.randperm(n_sequences, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+        out.append(perms[epoch][p % n_sequences])
+    return out

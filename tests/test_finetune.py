@@ -1,0 +1,179 @@
+"""Fine-tuning by distillation on tiny converted models: the losses and schedule, that training brings the student
+towards the teacher, exact resumption, refusals, generated data, and two processes under torchrun (gloo)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from mfakit.cli import main
+from mfakit.convert.convert import PLAIN, convert
+from mfakit.finetune import FinetuneConfig, finetune
+from mfakit.finetune import train as train_module
+from mfakit.finetune.data import sequence_indices
+from mfakit.finetune.train import kd_loss, lr_factor
+from tests.conftest import sample_ids
+from tests.test_convert_errors import one_error_line
+
+FAST = FinetuneConfig(
+    steps=6, seq_len=64, batch_size=4, lr=3e-3, warmup=1, eval_tokens=512, progress=False, data=["builtin:pydoc"]
+)
+
+
+@pytest.fixture(scope="module")
+def teacher(trained_tiny) -> Path:
+    return trained_tiny
+
+
+@pytest.fixture(scope="module")
+def student(teacher, tmp_path_factory) -> Path:
+    """The teacher converted to MFA-KR at an eighth of its cache by the plain method (far from its source)."""
+    out = tmp_path_factory.mktemp("student") / "kr"
+    convert(teacher, out, variant="mfa-kr", kv_ratio=0.125, method=PLAIN, calib_tokens=2048, calib_seq_len=128)
+    return out
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return {k: v for f in sorted(path.glob("*.safetensors")) for k, v in load_file(f).items()}
+
+
+def teacher_kl(student_path: Path, teacher_path: Path, ids: torch.Tensor) -> float:
+    with torch.no_grad():
+        s = AutoModelForCausalLM.from_pretrained(student_path, dtype=torch.float32).eval()(ids).logits
+        t = AutoModelForCausalLM.from_pretrained(teacher_path, dtype=torch.float32).eval()(ids).logits
+    return float(kd_loss(s, t))
+
+
+def test_kd_loss_is_the_kl_divergence():
+    t = torch.randn(3, 5, 11)
+    assert kd_loss(t, t).abs() < 1e-6
+    s = torch.randn(3, 5, 11)
+    p, log_p, log_q = t.softmax(-1), t.log_softmax(-1), s.log_softmax(-1)
+    expected = (p * (log_p - log_q)).sum(-1).mean()
+    assert torch.allclose(kd_loss(s, t), expected, atol=1e-6)
+    assert torch.allclose(kd_loss(s, t, 2.0), 4 * kd_loss(s / 2, t / 2), atol=1e-6)
+
+
+def test_schedule_warms_up_then_decays_to_zero():
+    f = [lr_factor(s, 4, 20) for s in range(20)]
+    assert f[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert all(a >= b for a, b in zip(f[3:], f[4:], strict=False))
+    assert f[-1] > 0 and lr_factor(20, 4, 20) == 0
+
+
+def test_data_order_covers_every_sequence_each_epoch():
+    order = sequence_indices(0, 30, 10, seed=3)
+    assert sorted(order[:10]) == sorted(order[10:20]) == list(range(10))
+    assert order[:10] != order[10:20]
+    assert sequence_indices(7, 13, 10, seed=3) == order[7:20]
+
+
+def test_distillation_moves_the_student_towards_the_teacher(student, teacher, tokenizer, tmp_path):
+    finetune(student, tmp_path / "ft", replace(FAST, steps=30, lr=1e-3, warmup=5))
+    ids = sample_ids(tokenizer, n=64, batch=4)
+    before = teacher_kl(student, teacher, ids)
+    after = teacher_kl(tmp_path / "ft", teacher, ids)
+    assert after < 0.7 * before
+    log = [json.loads(line) for line in (tmp_path / "ft" / "finetune-log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "loss" in r] == list(range(1, 31))
+    assert [r["step"] for r in log if "eval_ppl" in r] == [0, 30]
+
+
+def test_output_is_a_checkpoint_with_only_attention_trained(student, tmp_path):
+    out = tmp_path / "ft"
+    finetune(student, out, FAST)
+    before, after = weights(student), weights(out)
+    assert before.keys() == after.keys()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(".self_attn." in k for k in changed)
+    assert all(before[k].dtype == after[k].dtype for k in before)
+    config = json.loads((out / "config.json").read_text())
+    assert config["conversion"]["finetune"]["steps"] == 6
+    assert config["auto_map"] and (out / "modeling_mfa.py").is_file()
+    assert main(["eval", "ppl", str(out), "--max-tokens", "256", "--seq-len", "64", "--json"]) == 0
+
+
+def test_interrupted_run_resumes_to_the_same_weights(student, tmp_path, monkeypatch):
+    config = replace(FAST, steps=5, save_every=2)
+    finetune(student, tmp_path / "whole", config)
+
+    calls = {"n": 0}
+    real = train_module._train_loss
+
+    def interrupt_at_fourth_step(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "_train_loss", interrupt_at_fourth_step)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(student, tmp_path / "cut", config)
+    monkeypatch.setattr(train_module, "_train_loss", real)
+    assert not (tmp_path / "cut" / "config.json").exists()
+    finetune(student, tmp_path / "cut", replace(config, resume=True))
+    whole, cut = weights(tmp_path / "whole"), weights(tmp_path / "cut")
+    assert all(torch.equal(whole[k], cut[k]) for k in whole)
+
+
+def test_refusals_are_one_line(student, tiny, tmp_path, capsys):
+    text = tmp_path / "text.txt"
+    text.write_text("some words to train on and to evaluate on " * 200)
+    args = ["finetune", str(student), str(tmp_path / "a"), "--steps", "1", "--seq-len", "32", "--quiet"]
+    assert "evaluation text" in one_error_line(capsys, [*args, "--data", str(text), "--eval-text", str(text)])
+    assert "no fine-tuning state" in one_error_line(capsys, [*args, "--resume"])
+    assert "positive token count" in one_error_line(capsys, [*args, "--data", "generate:zero"])
+    assert "must be positive" in one_error_line(capsys, [*args, "--kd-temperature", "0"])
+    assert "--trainable all" in one_error_line(
+        capsys, ["finetune", str(tiny("llama-gqa")), str(tmp_path / "b"), "--steps", "1"]
+    )
+    assert "elsewhere" in one_error_line(capsys, ["finetune", str(student), str(student), "--steps", "1"])
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    (tmp_path / "c").mkdir()
+    assert "--resume" in one_error_line(capsys, ["finetune", str(student), str(tmp_path / "c"), "--steps", "1"])
+
+
+def test_changed_settings_refuse_to_resume(student, tmp_path):
+    config = replace(FAST, steps=3, save_every=1)
+    finetune(student, tmp_path / "ft", config)
+    with pytest.raises(ValueError, match="changed settings: lr"):
+        finetune(student, tmp_path / "ft", replace(config, lr=1e-3, resume=True))
+
+
+def test_generated_data_and_all_parameters(student, tmp_path):
+    out = tmp_path / "gen"
+    finetune(student, out, replace(FAST, data=["generate:512"], trainable="all", loss="kd+lm", eval_text=None))
+    before, after = weights(student), weights(out)
+    assert not torch.equal(before["model.embed_tokens.weight"], after["model.embed_tokens.weight"])
+
+
+def test_gradient_checkpointing_gives_the_same_training(student, tmp_path):
+    finetune(student, tmp_path / "plain", replace(FAST, steps=2, eval_text=None))
+    finetune(student, tmp_path / "ckpt", replace(FAST, steps=2, eval_text=None, gradient_checkpointing=True))
+    a, b = weights(tmp_path / "plain"), weights(tmp_path / "ckpt")
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_two_processes_under_torchrun_equal_one_with_twice_the_batch(student, tmp_path):
+    """DistributedDataParallel on gloo: rank r reads the sequences a single process would read as rows r*B..,
+    and gradients are averaged, so the result matches one process with batch 2B (up to summation order)."""
+    common = ["--steps", "3", "--seq-len", "64", "--lr", "3e-3", "--warmup", "1", "--eval-text", "none", "--quiet"]
+    assert main(["finetune", str(student), str(tmp_path / "one"), "--batch-size", "4", *common]) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533"]
+    cmd = [*launch, "-m", "mfakit.cli", "finetune", str(student), str(tmp_path / "two"), "--batch-size", "2", *common]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    one, two = weights(tmp_path / "one"), weights(tmp_path / "two")
+    assert all(torch.allclose(one[k], two[k], atol=1e-5) for k in one)
+    config = json.loads((tmp_path / "two" / "config.json").read_text())
+    assert config["conversion"]["finetune"]["world_size"] == 2

@@ -1,0 +1,154 @@
+"""The conversion methods below the exact budget: the readout refit and its ridge, low RoPE frequencies as NoPE,
+and that the default method (sequential calibration, refit, key share, NoPE) beats the plain factorization."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from mfakit.cli import main
+from mfakit.convert import factorize as fz
+from tests.conftest import sample_ids
+from tests.test_convert import CALIB, logits
+
+
+def random_stats(
+    tokens: int, n: int, d: int, noise: float, gen: torch.Generator
+) -> tuple[fz.ReadoutStats, torch.Tensor]:
+    u = torch.randn(tokens, n, generator=gen, dtype=torch.float64)
+    truth = torch.randn(d, n, generator=gen, dtype=torch.float64)
+    y = u @ truth.T + noise * torch.randn(tokens, d, generator=gen, dtype=torch.float64)
+    return fz.ReadoutStats(u.T @ u, u.T @ y, float(y.pow(2).sum()), tokens), truth
+
+
+def layer_with_readout(wo: torch.Tensor, heads: int) -> fz.MFALayer:
+    d, n = wo.shape
+    v = n // heads
+    return fz.MFALayer(
+        wq=torch.zeros(heads, v, 3),
+        wk=torch.zeros(v, 3),
+        wv=None,
+        wo=wo.reshape(d, heads, v),
+        bo=None,
+        rope_freqs=torch.zeros(v // 2),
+        scale=1.0,
+    )
+
+
+@pytest.mark.parametrize("tokens", [40, 400, 4000])
+def test_readout_refit_never_raises_the_calibration_error(tokens):
+    gen = torch.Generator().manual_seed(tokens)
+    folds = [random_stats(tokens // 4, 16, 8, 0.5, gen)[0] for _ in range(4)]
+    prior = torch.randn(8, 16, generator=gen, dtype=torch.float64)
+    refit, ridge = fz.readout_refit(layer_with_readout(prior, heads=2), folds)
+    total = sum(folds[1:], start=folds[0])
+    assert ridge in fz.RIDGES
+    assert fz._readout_error(total, refit.wo.reshape(8, 16)) <= fz._readout_error(total, prior)
+
+
+def test_ridge_is_chosen_only_when_tokens_are_scarce():
+    gen = torch.Generator().manual_seed(0)
+    n = 32
+    plenty = [random_stats(fz.PLENTY * n, n, 8, 1.0, gen)[0] for _ in range(2)]
+    prior = torch.zeros(8, n, dtype=torch.float64)
+    assert fz.choose_ridge(plenty, prior) == fz.STABLE_RIDGE
+    # Scarce, noisy data around a prior that is the truth: validation must ask for shrinkage.
+    scarce, truth = [], None
+    for _ in range(4):
+        gen = torch.Generator().manual_seed(1)
+        u = torch.randn(12, n, dtype=torch.float64)
+        truth = torch.randn(8, n, generator=gen, dtype=torch.float64)
+        y = u @ truth.T + 3.0 * torch.randn(12, 8, dtype=torch.float64)
+        scarce.append(fz.ReadoutStats(u.T @ u, u.T @ y, float(y.pow(2).sum()), 12))
+    assert fz.choose_ridge(scarce, truth) > 1e-3
+    assert fz.choose_ridge(scarce[:1], truth) == fz.RIDGES[-1]
+
+
+def synthetic_source(pairs: int = 4, nope: int = 2, heads: int = 4, kv_heads: int = 2) -> fz.SourceAttention:
+    gen = torch.Generator().manual_seed(0)
+    dh, d1 = 2 * pairs + nope, 9
+    rnd = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)  # noqa: E731
+    return fz.SourceAttention(
+        wq=rnd(heads, dh, d1),
+        wk=rnd(kv_heads, dh, d1),
+        wv=rnd(kv_heads, dh, d1),
+        wo=rnd(d1 - 1, heads, dh),
+        bo=None,
+        rope_freqs=torch.tensor([10000 ** (-i / pairs) for i in range(pairs)], dtype=torch.float64),
+        scale=1.0,
+    )
+
+
+def test_low_frequencies_become_nope_channels():
+    src = synthetic_source()  # frequencies 1, 0.1, 0.01, 0.001
+    moved = fz.nope_low_frequencies(src, max_angle=1.0, context=256)  # 0.001 * 256 <= 1 < 0.01 * 256
+    assert moved.rope_freqs.tolist() == src.rope_freqs[:3].tolist()
+    # The kept pairs are untouched, the slow pair's two channels join the NoPE channels.
+    for kept in (0, 1, 2):
+        assert torch.equal(moved.wk[:, kept], src.wk[:, kept])
+        assert torch.equal(moved.wk[:, 3 + kept], src.wk[:, 4 + kept])
+    assert torch.equal(moved.wk[:, 6:8], src.wk[:, [3, 7]])
+    assert torch.equal(moved.wk[:, 8:], src.wk[:, 8:])
+    # Queries and keys are permuted alike, so unrotated scores are unchanged.
+    assert torch.allclose(
+        torch.einsum("hcx,gcy->hgxy", moved.wq, moved.wk), torch.einsum("hcx,gcy->hgxy", src.wq, src.wk)
+    )
+    assert fz.nope_low_frequencies(src, max_angle=1e-6, context=256) is src
+    assert fz.nope_low_frequencies(src, max_angle=1e9, context=256).num_pairs == 0
+
+
+def kl_to_source(path, source, ids) -> float:
+    out, ref = logits(path, ids), logits(source, ids)
+    return float((ref.softmax(-1) * (ref.log_softmax(-1) - out.log_softmax(-1))).sum(-1).mean())
+
+
+@pytest.mark.parametrize(("variant", "ratio"), [("mfa", "0.25"), ("mfa-kr", "0.25"), ("mfa-kr", "0.125")])
+def test_default_method_beats_the_plain_factorization(trained_tiny, tokenizer, tmp_path, variant, ratio):
+    src = trained_tiny
+    ids = sample_ids(tokenizer, n=128, batch=4)
+    errors = {}
+    for name, flags in {"plain": ["--plain"], "default": []}.items():
+        out = tmp_path / name
+        assert main(["convert", str(src), str(out), "--variant", variant, "--kv-ratio", ratio, *CALIB, *flags]) == 0
+        errors[name] = kl_to_source(out, src, ids)
+        method = json.loads((out / "config.json").read_text())["conversion"]["method"]
+        assert method["refit"] == (name == "default")
+    assert errors["default"] < 0.9 * errors["plain"], errors
+    assert math.isfinite(errors["default"])
+
+
+def test_method_flags_are_recorded_and_change_the_layout(tiny, tmp_path):
+    src = tiny("llama-gqa")
+    flags = ["--no-sequential", "--no-refit", "--key-fraction", "0.5", "--nope-angle", "0"]
+    out = tmp_path / "flags"
+    assert main(["convert", str(src), str(out), "--variant", "mfa", "--kv-ratio", "0.5", *CALIB, *flags]) == 0
+    config = json.loads((out / "config.json").read_text())
+    method = config["conversion"]["method"]
+    assert method == {"sequential": False, "refit": False, "key_fraction": 0.5, "nope_angle": 0.0, "nope_context": None}
+    assert all(0 not in layer["rope_freqs"] for layer in config["mfa_layers"])
+    nope = tmp_path / "nope"
+    assert main(["convert", str(src), str(nope), "--variant", "mfa", "--kv-ratio", "0.5", *CALIB]) == 0
+    config = json.loads((nope / "config.json").read_text())
+    assert all(0 in layer["rope_freqs"] for layer in config["mfa_layers"])
+
+
+def test_bad_key_fraction_is_refused(tiny, tmp_path, capsys):
+    out = tmp_path / "bad"
+    code = main(
+        [
+            "convert",
+            str(tiny("llama-gqa")),
+            str(out),
+            "--variant",
+            "mfa-kr",
+            "--kv-ratio",
+            "0.5",
+            "--key-fraction",
+            "1.5",
+            *CALIB,
+        ]
+    )
+    assert code == 2 and "key_fraction" in capsys.readouterr().err and not out.exists()
