@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 DEMO ?= demo
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt
 
-.PHONY: install test test-fast lint demo bench-quality clean
+.PHONY: install test test-fast lint demo bench-quality bench-finetune clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,13 @@ demo: $(STAMP)
 	$(MFAKIT) convert $(DEMO)/smollm2 $(DEMO)/smollm2-mfa-kr --variant mfa-kr --kv-ratio 0.5 --overwrite; \
 	$(MFAKIT) eval compare $(DEMO)/smollm2 $(DEMO)/smollm2-mfa $(DEMO)/smollm2-mfa-kr --out $(DEMO)/results; \
 	echo "demo finished in $$(( $$(date +%s) - start )) s"
+
+# Benchmarks (tables for the README's results): zero-shot quality (about an hour on 2 cores), recovery by distillation.
+bench-quality: $(STAMP)
+	$(PY) scripts/bench_quality.py --out bench-out/quality --eval-tokens 16384
+
+bench-finetune: $(STAMP)
+	$(PY) scripts/bench_finetune.py --out bench-out/finetune
 
 clean:
 	rm -rf $(VENV) $(DEMO) *.egg-info

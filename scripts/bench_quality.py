@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -25,6 +24,7 @@ from mfakit.convert.convert import PLAIN, Method, convert
 from mfakit.convert.gguf import import_gguf, packaged_gguf
 from mfakit.data import TextSource
 from mfakit.eval.kv import kv_report
+from mfakit.eval.machine import machine_name
 from mfakit.eval.ppl import perplexity
 
 ABLATION = [
@@ -149,18 +149,9 @@ def main() -> None:
     write(args.out, rows, ablation, args)
 
 
-def cpu_name() -> str:
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
 def write(out: Path, rows: list[dict], ablation: list[dict], args: argparse.Namespace) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    machine = f"{cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    machine = f"{machine_name()}, torch {torch.__version__}"
     lines = [
         f"Held-out text: built-in pydoc evaluation part, {'all' if args.eval_tokens is None else args.eval_tokens} tokens, "
         f"windows of 1024. Calibration: {args.calib_tokens} tokens of the calibration part. Machine: {machine}.",

@@ -123,6 +123,13 @@ def test_interrupted_run_resumes_to_the_same_weights(student, tmp_path, monkeypa
     finetune(student, tmp_path / "cut", replace(config, resume=True))
     whole, cut = weights(tmp_path / "whole"), weights(tmp_path / "cut")
     assert all(torch.equal(whole[k], cut[k]) for k in whole)
+    assert loss_curve(tmp_path / "cut") == loss_curve(tmp_path / "whole")
+
+
+def loss_curve(out: Path) -> dict[int, float]:
+    """Loss per step from the run's log; a resumed run logs the steps after its last saved state again."""
+    records = [json.loads(line) for line in (out / "finetune-log.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
 
 
 def test_refusals_are_one_line(student, tiny, tmp_path, capsys):

@@ -152,3 +152,28 @@ def test_bad_key_fraction_is_refused(tiny, tmp_path, capsys):
         ]
     )
     assert code == 2 and "key_fraction" in capsys.readouterr().err and not out.exists()
+
+
+def values(layer: fz.MFALayer) -> torch.Tensor:
+    """The rows producing what the output projection reads: the value rows, or the latent in MFA-KR."""
+    return layer.wk if layer.wv is None else layer.wv
+
+
+@pytest.mark.parametrize("variant", ["mfa", "mfa-kr"])
+def test_balance_keeps_the_function_and_gives_unit_latent_scale(variant):
+    src = synthetic_source()
+    layer = fz.exact_mfa(src) if variant == "mfa" else fz.exact_mfa_kr(src)
+    gen = torch.Generator().manual_seed(1)
+    a = torch.randn(9, 9, generator=gen, dtype=torch.float64) * torch.logspace(-1, 1, 9, dtype=torch.float64)
+    sigma = a @ a.T
+    out = fz.balance(layer, sigma)
+    # Scores (query rows against key rows, summed over the latent) and what each output reads are unchanged.
+    assert torch.allclose(torch.einsum("hcx,cy->hxy", out.wq, out.wk), torch.einsum("hcx,cy->hxy", layer.wq, layer.wk))
+    assert torch.allclose(
+        torch.einsum("dhc,cy->dhy", out.wo, values(out)), torch.einsum("dhc,cy->dhy", layer.wo, values(layer))
+    )
+    ms = ((out.wk @ sigma) * out.wk).sum(1)
+    half = out.kv_dim // 2
+    assert torch.allclose((ms[:half] + ms[half:]) / 2, torch.ones(half, dtype=torch.float64))
+    if out.wv is not None:
+        assert torch.allclose(((out.wv @ sigma) * out.wv).sum(1), torch.ones(out.v_dim, dtype=torch.float64))

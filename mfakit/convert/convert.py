@@ -330,7 +330,7 @@ def convert(
                 module.to(device=device, dtype=compute_dtype)
                 folds = readout_statistics(module, x, src_run.attn_out, args, src.bo)
                 mfa, _ = fz.readout_refit(mfa, folds)
-            mfa = fz.balance(mfa)
+            mfa = fz.balance(mfa, sigma)
             q_factors = fz.factor_query(mfa, sigma, share_q_dim) if share_q_dim else None
             tensors = mfa_tensors(layout, i, mfa, src, out_dtype, q_factors)
             for name, tensor in tensors.items():

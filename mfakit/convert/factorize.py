@@ -461,37 +461,32 @@ def factor_query(layer: MFALayer, sigma: Tensor, rank: int) -> tuple[Tensor, Ten
     return s_q, q_b
 
 
-def balance(layer: MFALayer) -> MFALayer:
-    """Rescale every latent pair so that the rows writing it and the columns reading it have equal norm.
+def balance(layer: MFALayer, sigma: Tensor) -> MFALayer:
+    """Rescale every latent channel pair to unit RMS on the calibration inputs.
 
     Pair p of the key latent can be scaled by s (key rows times s, query rows of every head divided by s, and in
     MFA-KR the output columns reading it divided by s) without changing the function; MFA value channels likewise
-    against their output columns. PCA leaves these scales arbitrary and very uneven, which derails optimisers.
+    against their output columns. PCA leaves these scales arbitrary and very uneven, which derails optimisers: an
+    Adam step moves every weight by about the learning rate, and a weight's effect is proportional to its input, so
+    the output columns reading a channel with a large activation are far more sensitive than the rest. Scaling
+    by s = 1 / sqrt(w Sigma w^T) (Sigma: (d1, d1) second moment of the inputs, pairs scaled alike to keep RoPE)
+    gives every channel the input scale of an ordinary layer.
     """
     half = layer.kv_dim // 2
 
-    def pair_norm(m: Tensor) -> Tensor:
-        n = m.pow(2).sum(1)
-        return (n[:half] + n[half:]).sqrt()
+    def unit_scales(rows: Tensor, paired: bool) -> Tensor:
+        ms = ((rows @ sigma) * rows).sum(1).clamp_min(0)
+        if paired:
+            ms = ((ms[:half] + ms[half:]) / 2).repeat(2)
+        return torch.where(ms > 0, ms.rsqrt(), torch.ones_like(ms))
 
-    def scales(write: Tensor, read: Tensor) -> Tensor:
-        s = (read / write).sqrt()
-        s = torch.where((write > 0) & (read > 0), s, torch.ones_like(s))
-        return torch.cat([s, s])
-
-    wq_cols = layer.wq.transpose(0, 1).reshape(layer.kv_dim, -1)
-    read = pair_norm(wq_cols)
-    if layer.wv is None:
-        read = (read.pow(2) + pair_norm(layer.wo.permute(2, 0, 1).reshape(layer.kv_dim, -1)).pow(2)).sqrt()
-    s = scales(pair_norm(layer.wk), read)
+    s = unit_scales(layer.wk, paired=True)
     wk, wq = layer.wk * s[:, None], layer.wq / s[None, :, None]
     wv, wo = layer.wv, layer.wo
     if layer.wv is None:
         wo = wo / s[None, None, :]
     else:
-        read_v = layer.wo.permute(2, 0, 1).reshape(layer.wv.shape[0], -1).norm(dim=1)
-        write_v = layer.wv.norm(dim=1)
-        sv = torch.where((write_v > 0) & (read_v > 0), (read_v / write_v).sqrt(), torch.ones_like(read_v))
+        sv = unit_scales(layer.wv, paired=False)
         wv, wo = wv * sv[:, None], wo / sv[None, None, :]
     return MFALayer(wq=wq, wk=wk, wv=wv, wo=wo, bo=layer.bo, rope_freqs=layer.rope_freqs, scale=layer.scale)
 

@@ -56,8 +56,9 @@ class FinetuneError(ValueError):
 @dataclass
 class FinetuneConfig:
     """tokens or steps: the run's length (tokens are rounded up to whole optimiser steps of
-    batch_size * grad_accum * world_size sequences of seq_len). warmup: linear warm-up steps (default 5% of the
-    steps), then linear decay to zero. eval_every: held-out perplexity every N steps (0: only before and after)."""
+    batch_size * grad_accum * world_size sequences of seq_len). warmup: linear warm-up steps (default 10% of the
+    steps, at least 1 and at most 100), then linear decay to zero. eval_every: held-out perplexity every N steps
+    (0: only before and after)."""
 
     teacher: str | None = None
     data: list[str] = field(default_factory=lambda: ["builtin:pydoc"])
@@ -67,7 +68,7 @@ class FinetuneConfig:
     seq_len: int = 1024
     batch_size: int = 8
     grad_accum: int = 1
-    lr: float = 3e-4
+    lr: float = 2e-5
     warmup: int | None = None
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
@@ -257,7 +258,7 @@ def finetune(model_path: str | Path, out: str | Path, config: FinetuneConfig | N
     sequences = pack(training_stream(sources, tokenizer, teacher, config.seq_len, config.seed), config.seq_len)
     per_step = config.batch_size * config.grad_accum * world
     steps = config.steps or -(-config.tokens // (per_step * config.seq_len))
-    warmup = config.warmup if config.warmup is not None else max(1, round(0.05 * steps))
+    warmup = config.warmup if config.warmup is not None else min(100, max(1, steps // 10))
 
     params = [p for n, p in model.named_parameters() if n in set(names)]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.95))
