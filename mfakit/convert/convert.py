@@ -323,7 +323,6 @@ def convert(
             mfa = convert_layer(src, sigma, variant, *widths, method, context)
             consumed = attention_tensor_names(layout, ckpt, i)
             out_dtype = ckpt.get(consumed[0]).dtype
-            module = None
             if method.refit and not exact:
                 spec = mfa_layer_spec(mfa, src, None)
                 module = mfa_module(config, variant, layout, spec, mfa_tensors(layout, i, mfa, src, torch.float32), i)
@@ -350,7 +349,6 @@ def convert(
             else:
                 converted_stream = run_layer(layer, attention, converted_stream, args).hidden
             source_stream = next_source
-            del module
             layer.to("meta")
         writer.finish()
         cached = _finish_checkpoint(

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from mfakit.convert.io import CheckpointError, copy_side_files
-from mfakit.data import load_texts, parse_spec, tokenize
+from mfakit.data import TextSource, load_texts, parse_spec, tokenize
 from mfakit.eval.loading import load_model, load_tokenizer, torch_dtype
 from mfakit.eval.ppl import stream_nll
 from mfakit.finetune.data import check_disjoint, pack, parse_train_spec, sequence_indices, training_stream
@@ -120,8 +120,9 @@ def lr_factor(step: int, warmup: int, total: int) -> float:
     return max(0.0, (total - step) / max(1, total - warmup))
 
 
-def select_trainable(model: torch.nn.Module, trainable: str) -> list[str]:
-    """Freeze all but the chosen parameters; returns the trainable names. `attention`: the MFA attention modules."""
+def select_trainable(model: torch.nn.Module, trainable: str) -> None:
+    """Freeze all but the chosen parameters (`attention`: those of the MFA attention modules); what trains is then
+    what requires a gradient."""
     if trainable not in TRAINABLE:
         raise FinetuneError(f"trainable must be one of {', '.join(TRAINABLE)}, got {trainable!r}")
     if trainable == "all":
@@ -134,7 +135,6 @@ def select_trainable(model: torch.nn.Module, trainable: str) -> list[str]:
     chosen = set(names)
     for n, p in model.named_parameters():
         p.requires_grad_(n in chosen)
-    return names
 
 
 def _distributed(device: str) -> tuple[int, int, str]:
@@ -160,11 +160,10 @@ def _teacher_path(model_path: Path, teacher: str | None) -> str:
     return source
 
 
-def _eval_ids(config: FinetuneConfig, tokenizer) -> torch.Tensor | None:
-    if config.eval_text is None:
+def _eval_ids(held_out: TextSource | None, tokenizer, max_tokens: int) -> torch.Tensor | None:
+    if held_out is None:
         return None
-    ids = tokenize(tokenizer, load_texts(parse_spec(config.eval_text, config.text_column), part="evaluation"))
-    return ids[: config.eval_tokens]
+    return tokenize(tokenizer, load_texts(held_out, part="evaluation"))[:max_tokens]
 
 
 def _held_out_ppl(model: torch.nn.Module, ids: torch.Tensor, seq_len: int, autocast) -> float:
@@ -201,7 +200,8 @@ def _write_model(model: torch.nn.Module, model_path: Path, out: Path, record: di
     folder finished), with the run recorded in the config."""
     staging = out / ".final"
     shutil.rmtree(staging, ignore_errors=True)
-    saved_dtype = json.loads((model_path / "config.json").read_text()).get("dtype")
+    source_config = json.loads((model_path / "config.json").read_text())
+    saved_dtype = source_config.get("dtype")
     if saved_dtype in ("float32", "bfloat16", "float16"):
         model = model.to(torch_dtype(saved_dtype))
     model.save_pretrained(staging, safe_serialization=True)
@@ -212,7 +212,6 @@ def _write_model(model: torch.nn.Module, model_path: Path, out: Path, record: di
     conversion = dict(config.get("conversion") or {})
     conversion["finetune"] = record
     config["conversion"] = conversion
-    source_config = json.loads((model_path / "config.json").read_text())
     if "auto_map" in source_config:
         config["auto_map"] = source_config["auto_map"]
     (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
@@ -250,7 +249,7 @@ def finetune(model_path: str | Path, out: str | Path, config: FinetuneConfig | N
     torch.manual_seed(config.seed)
     model = load_model(model_path, device, "float32")
     tokenizer = load_tokenizer(model_path)
-    names = select_trainable(model, config.trainable)
+    select_trainable(model, config.trainable)
     teacher = None
     if config.loss != "lm" or any(isinstance(s, int) for s in sources):
         teacher = load_model(_teacher_path(model_path, config.teacher), device, config.dtype)
@@ -260,7 +259,7 @@ def finetune(model_path: str | Path, out: str | Path, config: FinetuneConfig | N
     steps = config.steps or -(-config.tokens // (per_step * config.seq_len))
     warmup = config.warmup if config.warmup is not None else min(100, max(1, steps // 10))
 
-    params = [p for n, p in model.named_parameters() if n in set(names)]
+    params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.95))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, steps))
     start_step = 0
@@ -292,7 +291,7 @@ def finetune(model_path: str | Path, out: str | Path, config: FinetuneConfig | N
             return nullcontext()
         return torch.autocast(device_type, dtype=torch_dtype(config.dtype))
 
-    eval_ids = _eval_ids(config, tokenizer) if rank == 0 else None
+    eval_ids = _eval_ids(held_out, tokenizer, config.eval_tokens) if rank == 0 else None
     if rank == 0:
         (out / TRAINER_DIR).mkdir(parents=True, exist_ok=True)
     log = open(out / LOG_FILE, "a") if rank == 0 else None  # noqa: SIM115  (kept open for the whole run)
@@ -346,7 +345,7 @@ def finetune(model_path: str | Path, out: str | Path, config: FinetuneConfig | N
                 evaluate(step + 1)
             if config.save_every and (step + 1) % config.save_every == 0 and step + 1 < steps:
                 extra = {"eval_ppl_before": ppl_before}
-                _checkpoint(model, names, optimizer, scheduler, step + 1, config, world, rank, state_file, extra)
+                _checkpoint(model, optimizer, scheduler, step + 1, config, world, rank, state_file, extra)
     finally:
         bar.close()
     ppl_after = evaluate(steps)
@@ -383,17 +382,16 @@ def _train_loss(model: torch.nn.Module, teacher: torch.nn.Module | None, ids: to
     return loss
 
 
-def _checkpoint(model, names, optimizer, scheduler, step, config, world, rank, state_file: Path, extra: dict) -> None:
+def _checkpoint(model, optimizer, scheduler, step, config, world, rank, state_file: Path, extra: dict) -> None:
     """Every rank's random state goes to rank 0, which writes the whole state."""
     rng = [_rng_state()]
     if world > 1:
         rng = [None] * world
         dist.all_gather_object(rng, _rng_state())
     if rank == 0:
-        chosen = set(names)
         state = {
             "step": step,
-            "trainable": {n: p.detach().cpu() for n, p in model.named_parameters() if n in chosen},
+            "trainable": {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad},
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "rng": rng,
