@@ -176,7 +176,7 @@ def test_two_processes_under_torchrun_equal_one_with_twice_the_batch(student, tm
     common = ["--steps", "3", "--seq-len", "64", "--lr", "3e-3", "--warmup", "1", "--eval-text", "none", "--quiet"]
     assert main(["finetune", str(student), str(tmp_path / "one"), "--batch-size", "4", *common]) == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533"]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     cmd = [*launch, "-m", "mfakit.cli", "finetune", str(student), str(tmp_path / "two"), "--batch-size", "2", *common]
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]

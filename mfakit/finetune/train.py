@@ -10,7 +10,8 @@ import math
 import os
 import shutil
 import time
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -137,17 +138,26 @@ def select_trainable(model: torch.nn.Module, trainable: str) -> None:
         p.requires_grad_(n in chosen)
 
 
-def _distributed(device: str) -> tuple[int, int, str]:
-    """(rank, world size, device) under torchrun (WORLD_SIZE > 1); (0, 1, device) otherwise."""
+@contextmanager
+def _distributed(device: str) -> Iterator[tuple[int, int, str]]:
+    """(rank, world size, device) under torchrun (WORLD_SIZE > 1); (0, 1, device) otherwise.
+
+    A process group opened here is closed here: gloo's worker threads abort the interpreter at exit otherwise."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
-        return 0, 1, device
-    if not dist.is_initialized():
+        yield 0, 1, device
+        return
+    owned = not dist.is_initialized()
+    if owned:
         dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
     if device.startswith("cuda"):
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
         torch.cuda.set_device(device)
-    return dist.get_rank(), dist.get_world_size(), device
+    try:
+        yield dist.get_rank(), dist.get_world_size(), device
+    finally:
+        if owned:
+            dist.destroy_process_group()
 
 
 def _teacher_path(model_path: Path, teacher: str | None) -> str:
@@ -244,8 +254,11 @@ def finetune(model_path: str | Path, out: str | Path, config: FinetuneConfig | N
     held_out = parse_spec(config.eval_text, config.text_column) if config.eval_text else None
     check_disjoint(sources, held_out)
     torch_dtype(config.dtype)
+    with _distributed(config.device) as (rank, world, device):
+        return _train(model_path, out, config, sources, held_out, state_file, rank, world, device)
 
-    rank, world, device = _distributed(config.device)
+
+def _train(model_path, out, config, sources, held_out, state_file, rank, world, device) -> FinetuneSummary:
     torch.manual_seed(config.seed)
     model = load_model(model_path, device, "float32")
     tokenizer = load_tokenizer(model_path)
