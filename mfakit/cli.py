@@ -71,7 +71,9 @@ def cmd_convert(args: argparse.Namespace) -> None:
         device=args.device,
         dtype=args.dtype,
         overwrite=args.overwrite,
+        approximate_qk_norm=args.approximate_qk_norm,
         progress=not args.quiet,
+        announce=lambda line: print(f"mfakit: {line}", file=sys.stderr, flush=True),
     )
     print("\n".join(summary.lines()))
 
@@ -209,6 +211,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     m.add_argument("--nope-context", type=int, help="context for --nope-angle (default: max_position_embeddings)")
     m.add_argument("--plain", action="store_true", help="the first method: uniform PCA, 50:50 split, none of the above")
+    p.add_argument(
+        "--approximate-qk-norm",
+        action="store_true",
+        help="allow QK-norm models (Qwen3, OLMo-2): fold each norm into its projection with a calibrated gain",
+    )
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_device(p)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM, GPT2Config, Qwen3Config
+from transformers import AutoModelForCausalLM, BloomConfig, FalconConfig
 
 from mfakit.cli import main
 
@@ -40,24 +40,16 @@ def save_random(config, folder: Path, tokenizer) -> Path:
 
 
 def test_unsupported_family_names_the_supported(capsys, tmp_path, tokenizer):
-    src = save_random(GPT2Config(vocab_size=384, n_embd=32, n_layer=1, n_head=2), tmp_path / "gpt2", tokenizer)
+    src = save_random(BloomConfig(vocab_size=384, hidden_size=32, n_layer=1, n_head=2), tmp_path / "bloom", tokenizer)
     err = convert_error(capsys, src, tmp_path / "out", "--variant", "mfa", "--kv-ratio", "0.5")
-    assert "unsupported model type 'gpt2'" in err and "llama, mistral, qwen2" in err
+    assert "unsupported model type 'bloom'" in err and "falcon, gemma, gemma2, gpt2, gpt_neox, llama" in err
 
 
-def test_qk_norm_is_refused(capsys, tmp_path, tokenizer):
-    config = Qwen3Config(
-        vocab_size=384,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=16,
-    )
-    src = save_random(config, tmp_path / "qwen3", tokenizer)
-    err = convert_error(capsys, src, tmp_path / "out", "--variant", "mfa-kr", "--kv-ratio", "0.5")
-    assert "QK-norm" in err
+def test_alibi_falcon_is_refused(capsys, tmp_path, tokenizer):
+    config = FalconConfig(vocab_size=384, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, alibi=True)
+    src = save_random(config, tmp_path / "falcon", tokenizer)
+    err = convert_error(capsys, src, tmp_path / "out", "--variant", "mfa", "--kv-ratio", "0.5")
+    assert "ALiBi" in err
 
 
 @pytest.mark.parametrize(

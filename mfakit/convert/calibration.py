@@ -8,50 +8,111 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers.conversion_mapping import get_model_conversion_mapping
+from transformers.core_model_loading import convert_and_load_state_dict_in_model
+from transformers.modeling_utils import LoadStateDictConfig
+from transformers.utils import logging as hf_logging
 
-from mfakit.convert.io import LazyCheckpoint
+from mfakit.convert.io import CheckpointError, LazyCheckpoint
 
 
 def meta_skeleton(config) -> nn.Module:
-    """The source causal LM with every tensor on the meta device: structure and classes, no memory."""
+    """The source causal LM with every tensor on the meta device: structure and classes, no memory. In eval mode:
+    calibration must not see dropout (GPT-2 and OPT configs default to 0.1)."""
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
+        return AutoModelForCausalLM.from_config(config).eval()
 
 
-def materialize(module: nn.Module, tensors: dict[str, torch.Tensor], init: Callable[[nn.Module], None]) -> nn.Module:
-    """Give a meta module the checkpoint's tensors (all of its parameters and persistent buffers must be there),
-    then recompute its non-persistent buffers (RoPE frequencies and the like) with the model's own initialiser."""
-    module.load_state_dict(tensors, strict=True, assign=True)
+def _rebuild_meta_buffers(module: nn.Module, init: Callable[[nn.Module], None]) -> None:
+    """Recompute non-persistent buffers (RoPE frequencies, embedding scales) with the model's own initialiser; the
+    loaded tensors of the same submodule are put back, since the initialiser would overwrite them too."""
     for sub in module.modules():
         if any(b.is_meta for b in sub.buffers(recurse=False)):
+            # to_empty swaps a parameter's .data in place, so the loaded data is kept, not the Parameter.
+            params = {n: p.data for n, p in sub.named_parameters(recurse=False) if not p.is_meta}
+            buffers = {n: b for n, b in sub.named_buffers(recurse=False) if not b.is_meta}
             sub.to_empty(device="cpu", recurse=False)
             init(sub)
+            for n, data in params.items():
+                getattr(sub, n).data = data
+            for n, buffer in buffers.items():
+                setattr(sub, n, buffer)
+
+
+def _match_checkpoint_dtypes(module: nn.Module, prefix: str, state: dict[str, torch.Tensor]) -> None:
+    """Give each meta parameter the dtype its checkpoint tensor has (the loader casts to the parameter's dtype,
+    which follows config.dtype); parameters the family's loader assembles from differently named tensors (fused
+    experts) take the checkpoint's most common floating dtype. Pass-through then stays bit-identical."""
+    floating = [t.dtype for t in state.values() if t.is_floating_point()]
+    if not floating:
+        return
+    common = max(set(floating), key=floating.count)
+    for name, param in list(module.named_parameters()):
+        want = state[prefix + name].dtype if prefix + name in state else common
+        if param.is_meta and param.dtype != want:
+            owner, _, leaf = name.rpartition(".")
+            meta = torch.empty(param.shape, dtype=want, device="meta")
+            module.get_submodule(owner)._parameters[leaf] = nn.Parameter(meta, requires_grad=param.requires_grad)
+
+
+def load_module(
+    skeleton: PreTrainedModel,
+    path: str,
+    ckpt: LazyCheckpoint,
+    exclude: tuple[str, ...] = (),
+) -> nn.Module:
+    """Materialise the skeleton's submodule at `path` (on the CPU, in the checkpoint's dtype) from the checkpoint
+    tensors under that prefix, less those under `exclude`. transformers' own loader does the reading, so a family's
+    on-disk names and layouts (per-expert MoE tensors, legacy names) become its module's parameters exactly as
+    `from_pretrained` makes them; every parameter of the submodule outside `exclude` must be found."""
+    module = skeleton.get_submodule(path)
+    prefix = f"{path}." if path else ""
+    names = [n for n in ckpt.names() if n.startswith(prefix) and not (exclude and n.startswith(exclude))]
+    state = {n: ckpt.get(n) for n in names}
+    _match_checkpoint_dtypes(module, prefix, state)
+    progress = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        convert_and_load_state_dict_in_model(
+            skeleton, state, LoadStateDictConfig(weight_mapping=get_model_conversion_mapping(skeleton))
+        )
+    finally:
+        if progress:
+            hf_logging.enable_progress_bar()
+    skeleton.tie_weights()  # a tied head is absent from the checkpoint and shares the embedding once loaded
+    missing = [n for n, p in module.named_parameters() if p.is_meta and not (prefix + n).startswith(exclude or "\0")]
+    if missing:
+        raise CheckpointError(f"{ckpt.folder}: tensor {prefix}{missing[0]} is missing")
+    _rebuild_meta_buffers(module, skeleton._init_weights)
     return module
 
 
-def load_module(skeleton: nn.Module, path: str, ckpt: LazyCheckpoint, device: str, dtype: torch.dtype) -> nn.Module:
-    """Materialise the skeleton's submodule at `path` from the checkpoint, on device in dtype."""
-    module = skeleton.get_submodule(path)
-    prefix = f"{path}." if path else ""
-    names = list(module.state_dict().keys())
-    tensors = {n: ckpt.get(prefix + n) for n in names}
-    materialize(module, tensors, skeleton._init_weights)
-    return module.to(device=device, dtype=dtype)
+def free_outside_layers(skeleton: nn.Module, layers_path: str) -> None:
+    """Return every tensor outside the decoder layers to the meta device."""
+    base_path, name = layers_path.rsplit(".", 1)
+    base = skeleton.get_submodule(base_path)
+    layers = getattr(base, name)
+    setattr(base, name, nn.ModuleList())
+    try:
+        skeleton.to("meta")
+    finally:
+        setattr(base, name, layers)
 
 
 class _Recorder(nn.Module):
     """Stands in for a decoder layer: records the arguments the model passes to it and returns its input."""
 
-    def __init__(self, layer: nn.Module, store: list):
+    def __init__(self, layer: nn.Module, store: list, as_tuple: bool):
         super().__init__()
         self.store = store
+        self.as_tuple = as_tuple
         if hasattr(layer, "attention_type"):
             self.attention_type = layer.attention_type
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         self.store.append((hidden_states, args, kwargs))
-        return hidden_states
+        return (hidden_states,) if self.as_tuple else hidden_states
 
 
 @dataclass
@@ -70,6 +131,7 @@ def embed(
     batches: list[torch.Tensor],
     device: str,
     dtype: torch.dtype,
+    layer_returns_tuple: bool = False,
 ) -> LayerInputs:
     """Run the model's own forward with recorders in place of its decoder layers: what enters layer 0 (embeddings,
     learned positions, scaling) and the per-layer arguments come out exactly as the family computes them."""
@@ -81,10 +143,12 @@ def embed(
     setattr(
         base,
         layers_name,
-        nn.ModuleList(_Recorder(layer, store) for layer, store in zip(real_layers, stores, strict=True)),
+        nn.ModuleList(
+            _Recorder(layer, store, layer_returns_tuple) for layer, store in zip(real_layers, stores, strict=True)
+        ),
     )
     try:
-        load_module(skeleton, base_path, ckpt, device, dtype)
+        load_module(skeleton, base_path, ckpt, exclude=(f"{layers_path}.",)).to(device=device, dtype=dtype)
         with torch.no_grad():
             for ids in batches:
                 base(input_ids=ids.to(device), use_cache=False)

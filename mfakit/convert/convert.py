@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -21,15 +22,24 @@ import mfakit
 from mfakit.convert import factorize as fz
 from mfakit.convert.adapters import (
     AttentionLayout,
-    attention_tensor_names,
-    check_tensors,
+    check_attention,
+    describe,
     find_layout,
+    head_shape,
+    logit_softcap,
     mfa_layer_spec,
     mfa_tensors,
     read_attention,
     rope_parameters,
 )
-from mfakit.convert.calibration import embed, load_module, meta_skeleton, run_layer, second_moment
+from mfakit.convert.calibration import (
+    embed,
+    free_outside_layers,
+    load_module,
+    meta_skeleton,
+    run_layer,
+    second_moment,
+)
 from mfakit.convert.io import LazyCheckpoint, ShardedWriter, atomic_folder, copy_side_files, resolve_checkpoint
 from mfakit.data import fingerprint, load_texts, parse_spec, spread_windows, tokenize
 from mfakit.model import modeling_mfa
@@ -165,8 +175,10 @@ def mfa_module(
     config, variant: str, layout: AttentionLayout, spec: dict, tensors: dict[str, torch.Tensor], layer: int
 ) -> MFAAttention:
     """The converted attention of one layer as a module (for the refit and the sequential pass)."""
-    layer_config = MFAConfig(text_config=config, variant=variant, mfa_layers=[spec] * config.num_hidden_layers)
-    layer_config._attn_implementation = "sdpa"
+    layer_config = MFAConfig(
+        text_config=config.to_dict(), variant=variant, mfa_layers=[spec] * config.num_hidden_layers
+    )
+    layer_config._attn_implementation = "sdpa"  # on a fresh text config: the source skeleton keeps its own
     module = MFAAttention(layer_config, layer)
     prefix = layout.attention_prefix(layer) + "."
     module.load_state_dict({k.removeprefix(prefix): v for k, v in tensors.items()}, strict=True)
@@ -210,6 +222,17 @@ def readout_statistics(
     return [s for s in stats if s.energy > 0]
 
 
+def write_state(writer: ShardedWriter, module: torch.nn.Module, prefix: str, skip: tuple[str, ...]) -> None:
+    """Every materialised tensor of a module under its model name (tied tensors once), except those under `skip`."""
+    seen: set[int] = set()
+    for name, tensor in module.state_dict().items():
+        full = prefix + name
+        if tensor.is_meta or full.startswith(skip) or tensor.data_ptr() in seen:
+            continue
+        seen.add(tensor.data_ptr())
+        writer.add(full, tensor)
+
+
 def _source_params(ckpt: LazyCheckpoint) -> int:
     from safetensors import safe_open
 
@@ -246,12 +269,15 @@ def convert(
     dtype: str = "float32",
     overwrite: bool = False,
     max_shard_bytes: int = 2 * 1024**3,
+    approximate_qk_norm: bool = False,
     progress: bool = True,
+    announce: Callable[[str], None] | None = None,
 ) -> ConvertSummary:
     """Convert a causal-LM checkpoint to MFA or MFA-KR at a KV-cache budget (see the README for the format).
 
     `dtype` is the precision of the calibration forward passes; converted tensors keep the source's dtype, and
-    every non-attention tensor is copied unchanged.
+    every non-attention tensor is copied unchanged. `approximate_qk_norm` allows QK-norm families (folded norms:
+    never exact). `announce` receives one line naming the detected family and the plan before the work starts.
     """
     start = time.time()
     if variant not in VARIANTS:
@@ -267,16 +293,18 @@ def convert(
         raise BudgetError(f"dtype must be float32 or bfloat16, got {dtype!r}")
     folder = resolve_checkpoint(source)
     config = AutoConfig.from_pretrained(folder)
-    layout = find_layout(config)
+    layout = find_layout(config, approximate_qk_norm)
     ckpt = LazyCheckpoint(folder)
     n_layers = config.num_hidden_layers
-    check_tensors(layout, ckpt, n_layers)
     skeleton = meta_skeleton(config)
+    base = skeleton.base_model_prefix
+    ckpt.add_base_prefix(base, tuple(f"{name}." for name, _ in skeleton.named_children() if name != base))
+    check_attention(layout, skeleton, ckpt, n_layers)
     rope_freqs, rope_scaling = rope_parameters(layout, config, skeleton)
-    attn0 = skeleton.get_submodule(layout.attention_prefix(0))
-    n_heads, n_kv = config.num_attention_heads, config.num_key_value_heads
-    head_dim = attn0.head_dim
-    widths = plan_widths(variant, n_kv * head_dim, n_kv * head_dim, kv_ratio, kv_dim, method.key_share(variant))
+    shape = head_shape(layout, skeleton.get_submodule(layout.attention_prefix(0)), config)
+    kv_width = shape.num_kv_heads * shape.head_dim
+    widths = plan_widths(variant, kv_width, kv_width, kv_ratio, kv_dim, method.key_share(variant))
+    softcap = logit_softcap(layout, config)
     context = method.nope_context or config.max_position_embeddings
     if share_q_dim is not None and not 0 < share_q_dim:
         raise BudgetError(f"share_q_dim must be positive, got {share_q_dim}")
@@ -285,24 +313,34 @@ def convert(
     if Path(out).resolve() == folder.resolve():
         raise FileExistsError(f"{out} is the source checkpoint; write the conversion elsewhere")
 
+    if announce is not None:
+        announce(describe(layout, config, shape, rope_freqs.shape[0]))
+        announce(
+            f"plan: {n_layers} layers to {variant}, kv_dim {widths[0]}"
+            + (f", v_dim {widths[1]}" if variant == "mfa" else "")
+        )
     tokenizer = AutoTokenizer.from_pretrained(folder)
     batches, calib_description = calibration_batches(tokenizer, calib, calib_tokens, calib_seq_len)
     n_calib = sum(b.numel() for b in batches)
 
     with atomic_folder(Path(out), overwrite) as tmp:
         writer = ShardedWriter(tmp, max_shard_bytes)
-        inputs = embed(skeleton, layout.layers_path, ckpt, batches, device, compute_dtype)
-        layer_prefixes = [f"{layout.layers_path}.{i}." for i in range(n_layers)]
-        for name in ckpt.names():
-            if not name.startswith(tuple(layer_prefixes)):
-                writer.add(name, ckpt.get(name))
+        inputs = embed(skeleton, layout.layers_path, ckpt, batches, device, compute_dtype, layout.layer_returns_tuple)
+        layers_prefix = f"{layout.layers_path}."
+        write_state(writer, load_module(skeleton, "", ckpt, exclude=(layers_prefix,)), "", skip=(layers_prefix,))
+        free_outside_layers(skeleton, layout.layers_path)
         source_stream = converted_stream = inputs.hidden
         specs = []
         out_dtype = None
         bar = tqdm(range(n_layers), desc="converting layers", disable=not progress, unit="layer")
         for i in bar:
             args = inputs.layer_args[i]
-            layer = load_module(skeleton, f"{layout.layers_path}.{i}", ckpt, device, compute_dtype)
+            layer_path = f"{layout.layers_path}.{i}"
+            layer = load_module(skeleton, layer_path, ckpt)
+            attention_prefix = layout.attention_prefix(i) + "."
+            write_state(writer, layer, f"{layer_path}.", skip=(attention_prefix,))
+            out_dtype = next(layer.get_submodule(layout.attention_name).parameters()).dtype
+            layer.to(device=device, dtype=compute_dtype)
             attention = layer.get_submodule(layout.attention_name)
             src_run = run_layer(layer, attention, source_stream, args, attn_in=True, attn_out=method.refit)
             x = src_run.attn_in
@@ -310,21 +348,17 @@ def convert(
                 x = run_layer(layer, attention, converted_stream, args, outputs=False).attn_in
             src = read_attention(
                 layout,
-                ckpt,
-                i,
-                num_heads=n_heads,
-                num_kv_heads=n_kv,
+                attention,
+                config,
                 rope_freqs=rope_freqs,
                 rope_scaling=rope_scaling,
-                scale=float(attn0.scaling),
+                calib_inputs=x if layout.qk_norm else None,
             )
             exact = is_exact(src, variant, *widths)
             sigma = second_moment(x)
             mfa = convert_layer(src, sigma, variant, *widths, method, context)
-            consumed = attention_tensor_names(layout, ckpt, i)
-            out_dtype = ckpt.get(consumed[0]).dtype
             if method.refit and not exact:
-                spec = mfa_layer_spec(mfa, src, None)
+                spec = mfa_layer_spec(mfa, src, None, softcap)
                 module = mfa_module(config, variant, layout, spec, mfa_tensors(layout, i, mfa, src, torch.float32), i)
                 module.to(device=device, dtype=compute_dtype)
                 folds = readout_statistics(module, x, src_run.attn_out, args, src.bo)
@@ -334,10 +368,7 @@ def convert(
             tensors = mfa_tensors(layout, i, mfa, src, out_dtype, q_factors)
             for name, tensor in tensors.items():
                 writer.add(name, tensor)
-            for name in ckpt.names():
-                if name.startswith(layer_prefixes[i]) and name not in consumed:
-                    writer.add(name, ckpt.get(name))
-            spec = mfa_layer_spec(mfa, src, q_factors[0].shape[0] if q_factors else None)
+            spec = mfa_layer_spec(mfa, src, q_factors[0].shape[0] if q_factors else None, softcap)
             specs.append(spec)
             next_source = src_run.hidden
             if method.sequential and not exact:
@@ -361,6 +392,8 @@ def convert(
             out_dtype,
             conversion={
                 "source": str(folder.resolve()) if Path(source).is_dir() else str(source),
+                "family": layout.family,
+                "approximate_qk_norm": bool(layout.qk_norm),
                 "kv_ratio": kv_ratio,
                 "kv_dim": kv_dim,
                 "share_q_dim": share_q_dim,
@@ -376,7 +409,7 @@ def convert(
         out=str(out),
         variant=variant,
         kv_dim=[s["kv_dim"] for s in specs],
-        kv_bytes_per_token_before=2 * n_kv * head_dim * n_layers * element,
+        kv_bytes_per_token_before=2 * kv_width * n_layers * element,
         kv_bytes_per_token_after=cached * element,
         params_before=_source_params(ckpt),
         params_after=_source_params(LazyCheckpoint(Path(out))),

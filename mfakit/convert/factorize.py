@@ -212,6 +212,26 @@ def exact_mfa_kr(src: SourceAttention) -> MFALayer:
     return MFALayer(wq=wq, wk=wk, wv=None, wo=wo, bo=src.bo, rope_freqs=freqs, scale=src.scale)
 
 
+def fold_qk_norm(rows: Tensor, gamma: Tensor, eps: float, x: Tensor) -> Tensor:
+    """Approximate an RMS norm applied to projected queries or keys by a fixed gain folded into the rows.
+
+    rows: (n, d_h, d1) projection rows of n heads; gamma: (d_h,) a per-head norm (Qwen3) or (n * d_h,) one norm over
+    the whole projection (OLMo-2); x: (N, d) calibration inputs. The norm maps y to gamma * y / rms(y); it is
+    replaced by gamma * c * y with c per normalised group the least-squares gain over the calibration tokens,
+    c = sum_t <gamma y_t / rms_t, gamma y_t> / sum_t |gamma y_t|^2. Exact when every token's rms is the same.
+    """
+    n, dh, d1 = rows.shape
+    per_head = gamma.shape[0] == dh
+    y = torch.cat([x, x.new_ones(x.shape[0], 1)], 1) @ rows.reshape(n * dh, d1).T
+    y = y.reshape(-1, n, dh) if per_head else y.reshape(-1, 1, n * dh)
+    scaled = gamma * y
+    inv_rms = torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + eps)
+    gain = (scaled.pow(2) * inv_rms).sum((0, 2)) / scaled.pow(2).sum((0, 2)).clamp_min(torch.finfo(y.dtype).tiny)
+    gains = gain.repeat_interleave(dh) if per_head else gain.expand(n * dh)
+    factor = gamma.repeat(n) if per_head else gamma
+    return rows * (factor * gains).reshape(n, dh, 1)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Keys under a budget: per-frequency weighted complex PCA
 

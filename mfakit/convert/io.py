@@ -71,6 +71,7 @@ class LazyCheckpoint:
             raise CheckpointError(
                 f"{self.folder}: no {WEIGHT_FILE} or {WEIGHT_INDEX} (only safetensors checkpoints are read)"
             )
+        self.stored: dict[str, str] = {}
         missing = {str(p) for p in self.files.values() if not p.exists()}
         if missing:
             raise CheckpointError(f"{self.folder}: the index names missing shard(s) {sorted(missing)}")
@@ -85,7 +86,17 @@ class LazyCheckpoint:
         if name not in self.files:
             raise CheckpointError(f"{self.folder}: tensor {name!r} is missing")
         with safe_open(self.files[name], framework="pt") as f:
-            return f.get_tensor(name)
+            return f.get_tensor(self.stored.get(name, name))
+
+    def add_base_prefix(self, prefix: str, outside: tuple[str, ...]) -> None:
+        """Name the tensors `prefix.name` when none is (checkpoints saved from the base model, such as the hub's
+        GPT-2 (`h.0...`) and OPT (`decoder.layers...`), whose causal LMs keep the base model under `prefix`);
+        names under `outside` (the causal LM's own modules, such as `lm_head.`) keep theirs."""
+        if not prefix or any(n.startswith(f"{prefix}.") for n in self.files):
+            return
+        renamed = {n: n if n.startswith(outside) else f"{prefix}.{n}" for n in self.files}
+        self.stored = {new: old for old, new in renamed.items()}
+        self.files = {renamed[n]: f for n, f in self.files.items()}
 
     def nbytes(self) -> int:
         return sum(p.stat().st_size for p in set(self.files.values()))

@@ -8,6 +8,8 @@ from pathlib import Path
 import torch
 from transformers.cache_utils import get_layer_types_and_kwargs
 
+from mfakit.convert.adapters import UnsupportedModelError, find_layout, head_shape
+from mfakit.convert.calibration import meta_skeleton
 from mfakit.eval.loading import load_model
 
 
@@ -42,9 +44,20 @@ def cached_numbers_per_token(config) -> tuple[str, list[int], list[int | None]]:
         kr = config.variant == "mfa-kr"
         numbers = [s["kv_dim"] + (0 if kr else s["v_dim"]) for s in config.mfa_layers]
         return config.variant, numbers, windows
-    heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    return "source", [2 * heads * head_dim] * n_layers, windows
+    return "source", [2 * source_kv_width(text)] * n_layers, windows
+
+
+def source_kv_width(config) -> int:
+    """g * d_h of a source model: from its family's layout when mfakit knows it (Falcon's MQA and fused layouts say
+    it only in their weight shapes), else from the config's head counts."""
+    try:
+        layout = find_layout(config, approximate_qk_norm=True)
+    except UnsupportedModelError:
+        heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        return heads * (getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
+    attention = meta_skeleton(config).get_submodule(layout.attention_prefix(0))
+    shape = head_shape(layout, attention, config)
+    return shape.num_kv_heads * shape.head_dim
 
 
 def cache_bytes_per_layer(cache) -> list[int]:

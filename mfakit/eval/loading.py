@@ -26,7 +26,7 @@ def torch_dtype(name: str) -> torch.dtype:
 def load_model(path: str | Path, device: str = "cpu", dtype: str = "float32") -> torch.nn.Module:
     check_checkpoint_folder(path)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype), attn_implementation="sdpa")
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype))
     except (OSError, ValueError, KeyError) as err:
         raise ModelLoadError(f"{path}: cannot load a causal LM ({str(err).splitlines()[0]})") from err
     return model.to(device).eval()

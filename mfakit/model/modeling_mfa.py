@@ -193,7 +193,7 @@ class MFAAttention(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Attention of h query heads (batch, h, seq, C) on one shared key/value head (batch, 1, kv_len, C);
         the shared head is broadcast, never repeated per query head."""
-        dropout = self.config.text_config.attention_dropout if self.training else 0.0
+        dropout = getattr(self.config.text_config, "attention_dropout", 0.0) if self.training else 0.0
         dropout = dropout if isinstance(dropout, float) else 0.0
         if mask is not None and mask.dim() == 4:
             mask = mask[..., : key.shape[2]]
