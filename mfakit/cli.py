@@ -72,6 +72,8 @@ def cmd_convert(args: argparse.Namespace) -> None:
         dtype=args.dtype,
         overwrite=args.overwrite,
         approximate_qk_norm=args.approximate_qk_norm,
+        max_shard_bytes=int(args.max_shard_mb * 1024**2),
+        resume=args.resume,
         progress=not args.quiet,
         announce=lambda line: print(f"mfakit: {line}", file=sys.stderr, flush=True),
     )
@@ -215,6 +217,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--approximate-qk-norm",
         action="store_true",
         help="allow QK-norm models (Qwen3, OLMo-2): fold each norm into its projection with a calibrated gain",
+    )
+    p.add_argument("--max-shard-mb", type=float, default=2048, help="output shard size in MiB (default: 2048)")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue a killed conversion into OUT after its last finished layer (same settings)",
     )
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

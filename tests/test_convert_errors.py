@@ -124,9 +124,12 @@ def test_existing_output_needs_overwrite(capsys, tmp_path, tiny):
     assert (out / "config.json").exists() and not (out / "keep.txt").exists()
 
 
-def test_interrupted_conversion_leaves_nothing(tmp_path, tiny, monkeypatch):
+def test_interrupted_conversion_resumes_to_the_same_bytes(tmp_path, tiny, monkeypatch, capsys):
+    """Interrupted during layer 1: no output folder, only the hidden partial one (no config.json). Resuming gives
+    the files of an uninterrupted run byte for byte; other settings refuse to resume."""
     from mfakit.convert import convert as convert_module
 
+    real = convert_module.convert_layer
     calls = []
 
     def interrupt(*args, **kwargs):
@@ -135,15 +138,23 @@ def test_interrupted_conversion_leaves_nothing(tmp_path, tiny, monkeypatch):
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    real = convert_module.convert_layer
+    kwargs = dict(variant="mfa", kv_ratio=0.5, calib_tokens=256, calib_seq_len=128, progress=False)
+    out, reference = tmp_path / "out", tmp_path / "reference"
+    convert_module.convert(tiny("llama-gqa"), reference, **kwargs)
     monkeypatch.setattr(convert_module, "convert_layer", interrupt)
-    out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
-        convert_module.convert(
-            tiny("llama-gqa"), out, variant="mfa", kv_ratio=0.5, calib_tokens=256, calib_seq_len=128, progress=False
-        )
-    assert len(calls) == 2
-    assert sorted(p.name for p in tmp_path.iterdir()) == []
+        convert_module.convert(tiny("llama-gqa"), out, **kwargs)
+    monkeypatch.setattr(convert_module, "convert_layer", real)
+    partial = convert_module.partial_folder(out)
+    assert not out.exists() and partial.is_dir() and not (partial / "config.json").exists()
+    calib = ["--calib-tokens", "256", "--calib-seq-len", "128"]
+    argv = ["convert", str(tiny("llama-gqa")), str(out), "--variant", "mfa", "--kv-ratio", "0.25", *calib, "--resume"]
+    assert "other settings (kv_ratio)" in one_error_line(capsys, argv)
+    convert_module.convert(tiny("llama-gqa"), out, resume=True, **kwargs)
+    assert not partial.exists()
+    files = sorted(p.name for p in reference.iterdir())
+    assert sorted(p.name for p in out.iterdir()) == files
+    assert all((out / f).read_bytes() == (reference / f).read_bytes() for f in files)
 
 
 def test_source_dtype_kept(tmp_path, tiny):

@@ -7,7 +7,9 @@ tensors and every other tensor of the layer unchanged, and free it.
 
 from __future__ import annotations
 
+import ctypes
 import json
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -40,7 +42,14 @@ from mfakit.convert.calibration import (
     run_layer,
     second_moment,
 )
-from mfakit.convert.io import LazyCheckpoint, ShardedWriter, atomic_folder, copy_side_files, resolve_checkpoint
+from mfakit.convert.io import (
+    LazyCheckpoint,
+    ShardedWriter,
+    atomic_folder,
+    copy_side_files,
+    partial_folder,
+    resolve_checkpoint,
+)
 from mfakit.data import fingerprint, load_texts, parse_spec, spread_windows, tokenize
 from mfakit.model import modeling_mfa
 from mfakit.model.modeling_mfa import VARIANTS, MFAAttention, MFAConfig
@@ -215,7 +224,11 @@ def readout_statistics(
                     if bias is not None:
                         target = target - bias
                     k = row % folds
-                    stats[k] = stats[k] + fz.ReadoutStats(u.T @ u, u.T @ target, float(target.pow(2).sum()), u.shape[0])
+                    fold = stats[k]
+                    fold.gram.addmm_(u.T, u)
+                    fold.cross.addmm_(u.T, target)
+                    fold.energy += float(target.pow(2).sum())
+                    fold.tokens += u.shape[0]
                     row += 1
     finally:
         handle.remove()
@@ -245,6 +258,76 @@ def _source_params(ckpt: LazyCheckpoint) -> int:
     return total
 
 
+RESUME_DIR = "resume"
+
+
+def has_resume_state(partial: Path) -> bool:
+    return (partial / RESUME_DIR / "state.json").is_file()
+
+
+def read_resume_state(partial: Path, settings: dict) -> dict | None:
+    """The state a killed conversion left in `partial`, or None when there is none; refuses changed settings."""
+    if not has_resume_state(partial):
+        return None
+    state = json.loads((partial / RESUME_DIR / "state.json").read_text())
+    changed = sorted(
+        k for k in settings.keys() | state["settings"].keys() if settings.get(k) != state["settings"].get(k)
+    )
+    if changed:
+        raise BudgetError(
+            f"{partial} holds a conversion with other settings ({', '.join(changed)}); "
+            "run without --resume to start over"
+        )
+    return state
+
+
+def save_resume_state(
+    partial: Path,
+    settings: dict,
+    next_layer: int,
+    specs: list[dict],
+    out_dtype: torch.dtype,
+    writer: ShardedWriter,
+    streams: tuple[list[torch.Tensor], list[torch.Tensor]],
+) -> None:
+    """Everything the next layer needs, after layer next_layer - 1 is written: the writer's state and the
+    calibration hidden states of both streams. The state file is replaced last, so a kill at any point leaves the
+    previous complete state."""
+    folder = partial / RESUME_DIR
+    folder.mkdir(exist_ok=True)
+    source, converted = streams
+    name = f"streams-{next_layer:05d}.pt"
+    torch.save({"source": source, "converted": None if converted is source else converted}, folder / name)
+    state = {
+        "settings": settings,
+        "next_layer": next_layer,
+        "specs": specs,
+        "out_dtype": str(out_dtype).removeprefix("torch."),
+        "writer": writer.state(),
+        "streams": name,
+    }
+    (folder / "state.json.tmp").write_text(json.dumps(state))
+    os.replace(folder / "state.json.tmp", folder / "state.json")
+    for old in folder.glob("streams-*.pt"):
+        if old.name != name:
+            old.unlink()
+
+
+def load_streams(partial: Path, state: dict, device: str) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    saved = torch.load(partial / RESUME_DIR / state["streams"], map_location=device, weights_only=True)
+    source = saved["source"]
+    return source, source if saved["converted"] is None else saved["converted"]
+
+
+def release_freed_memory() -> None:
+    """Hand the allocator's free pages back to the system between layers (glibc keeps them otherwise, and each
+    layer's float64 temporaries then fragment the heap into a slowly rising peak)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc: nothing to hand back this way
+
+
 def calibration_batches(tokenizer, calib: str, calib_tokens: int, calib_seq_len: int) -> tuple[list[torch.Tensor], str]:
     source = parse_spec(calib)
     texts = load_texts(source, part="calibration")
@@ -270,6 +353,7 @@ def convert(
     overwrite: bool = False,
     max_shard_bytes: int = 2 * 1024**3,
     approximate_qk_norm: bool = False,
+    resume: bool = False,
     progress: bool = True,
     announce: Callable[[str], None] | None = None,
 ) -> ConvertSummary:
@@ -278,6 +362,11 @@ def convert(
     `dtype` is the precision of the calibration forward passes; converted tensors keep the source's dtype, and
     every non-attention tensor is copied unchanged. `approximate_qk_norm` allows QK-norm families (folded norms:
     never exact). `announce` receives one line naming the detected family and the plan before the work starts.
+
+    The work is built in a hidden partial folder beside `out` and renamed when finished. After every layer the
+    partial folder records a resume state (the writer's position and the calibration hidden states); if the run is
+    killed, `resume=True` with the same settings continues after the last finished layer and writes the same bytes
+    as an uninterrupted run.
     """
     start = time.time()
     if variant not in VARIANTS:
@@ -306,6 +395,8 @@ def convert(
     widths = plan_widths(variant, kv_width, kv_width, kv_ratio, kv_dim, method.key_share(variant))
     softcap = logit_softcap(layout, config)
     context = method.nope_context or config.max_position_embeddings
+    if max_shard_bytes < 1:
+        raise BudgetError(f"the shard size must be positive, got {max_shard_bytes} bytes")
     if share_q_dim is not None and not 0 < share_q_dim:
         raise BudgetError(f"share_q_dim must be positive, got {share_q_dim}")
     if Path(out).exists() and not overwrite:
@@ -323,17 +414,42 @@ def convert(
     batches, calib_description = calibration_batches(tokenizer, calib, calib_tokens, calib_seq_len)
     n_calib = sum(b.numel() for b in batches)
 
-    with atomic_folder(Path(out), overwrite) as tmp:
-        writer = ShardedWriter(tmp, max_shard_bytes)
+    settings = {
+        "source": str(folder.resolve()),
+        "variant": variant,
+        "kv_ratio": kv_ratio,
+        "kv_dim": kv_dim,
+        "share_q_dim": share_q_dim,
+        "method": asdict(method),
+        "calibration": calib_description,
+        "calibration_tokens": n_calib,
+        "calibration_seq_len": calib_seq_len,
+        "dtype": dtype,
+        "max_shard_bytes": max_shard_bytes,
+        "approximate_qk_norm": approximate_qk_norm,
+        "mfakit_version": mfakit.__version__,
+    }
+    partial = partial_folder(Path(out))
+    state = read_resume_state(partial, settings) if resume else None
+    if state is None:
+        shutil.rmtree(partial, ignore_errors=True)
+    elif announce is not None:
+        announce(f"resuming {partial} after layer {state['next_layer'] - 1}")
+
+    with atomic_folder(Path(out), overwrite, tmp=partial, keep=has_resume_state) as tmp:
+        writer = ShardedWriter(tmp, max_shard_bytes, state["writer"] if state else None)
         inputs = embed(skeleton, layout.layers_path, ckpt, batches, device, compute_dtype, layout.layer_returns_tuple)
-        layers_prefix = f"{layout.layers_path}."
-        write_state(writer, load_module(skeleton, "", ckpt, exclude=(layers_prefix,)), "", skip=(layers_prefix,))
+        if state is None:
+            layers_prefix = f"{layout.layers_path}."
+            write_state(writer, load_module(skeleton, "", ckpt, exclude=(layers_prefix,)), "", skip=(layers_prefix,))
+            source_stream = converted_stream = inputs.hidden
+            specs, out_dtype, first = [], None, 0
+        else:
+            source_stream, converted_stream = load_streams(tmp, state, device)
+            specs, out_dtype, first = state["specs"], getattr(torch, state["out_dtype"]), state["next_layer"]
         free_outside_layers(skeleton, layout.layers_path)
-        source_stream = converted_stream = inputs.hidden
-        specs = []
-        out_dtype = None
-        bar = tqdm(range(n_layers), desc="converting layers", disable=not progress, unit="layer")
-        for i in bar:
+        bar = tqdm(total=n_layers, initial=first, desc="converting layers", disable=not progress, unit="layer")
+        for i in range(first, n_layers):
             args = inputs.layer_args[i]
             layer_path = f"{layout.layers_path}.{i}"
             layer = load_module(skeleton, layer_path, ckpt)
@@ -361,7 +477,9 @@ def convert(
                 spec = mfa_layer_spec(mfa, src, None, softcap)
                 module = mfa_module(config, variant, layout, spec, mfa_tensors(layout, i, mfa, src, torch.float32), i)
                 module.to(device=device, dtype=compute_dtype)
-                folds = readout_statistics(module, x, src_run.attn_out, args, src.bo)
+                # Folds only serve the ridge's cross-validation, which plentiful tokens skip (see choose_ridge).
+                plenty = n_calib >= fz.PLENTY * module.o_proj.in_features
+                folds = readout_statistics(module, x, src_run.attn_out, args, src.bo, 1 if plenty else READOUT_FOLDS)
                 mfa, _ = fz.readout_refit(mfa, folds)
             mfa = fz.balance(mfa, sigma)
             q_factors = fz.factor_query(mfa, sigma, share_q_dim) if share_q_dim else None
@@ -381,7 +499,12 @@ def convert(
                 converted_stream = run_layer(layer, attention, converted_stream, args).hidden
             source_stream = next_source
             layer.to("meta")
+            save_resume_state(tmp, settings, i + 1, specs, out_dtype, writer, (source_stream, converted_stream))
+            release_freed_memory()
+            bar.update()
+        bar.close()
         writer.finish()
+        shutil.rmtree(tmp / RESUME_DIR)
         cached = _finish_checkpoint(
             tmp,
             folder,

@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Iterator
+import struct
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 WEIGHT_INDEX = "model.safetensors.index.json"
 WEIGHT_FILE = "model.safetensors"
@@ -102,33 +102,109 @@ class LazyCheckpoint:
         return sum(p.stat().st_size for p in set(self.files.values()))
 
 
-class ShardedWriter:
-    """Writes tensors into safetensors shards of at most max_shard_bytes as they come, then the index."""
+SAFETENSORS_DTYPES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+    torch.float8_e4m3fn: "F8_E4M3",
+    torch.float8_e5m2: "F8_E5M2",
+}
+COPY_CHUNK = 64 * 1024**2
 
-    def __init__(self, folder: Path, max_shard_bytes: int):
+
+class ShardedWriter:
+    """Streams tensors into safetensors shards of at most max_shard_bytes.
+
+    Each tensor's bytes are appended to the open shard's data file as it comes (memory: one tensor, whatever the
+    shard size); a full shard gets its header and becomes `shard-XXXXX.tmp`; `finish` names the shards and writes
+    the index. `state()` after any `add` describes everything written so far, and a writer built with that state
+    continues exactly there (bytes appended after it are cut off), which is what a resumed conversion needs.
+    """
+
+    def __init__(self, folder: Path, max_shard_bytes: int, state: dict | None = None):
         self.folder = Path(folder)
         self.max_shard_bytes = max_shard_bytes
-        self.pending: dict[str, torch.Tensor] = {}
-        self.pending_bytes = 0
-        self.shards: list[list[str]] = []
-        self.total_bytes = 0
+        state = state or {"shards": [], "entries": [], "data_bytes": 0, "total_bytes": 0}
+        self.shards: list[list[str]] = [list(s) for s in state["shards"]]
+        self.entries: list[list] = [list(e) for e in state["entries"]]
+        self.data_bytes: int = state["data_bytes"]
+        self.total_bytes: int = state["total_bytes"]
+        self.names = {n for s in self.shards for n in s} | {e[0] for e in self.entries}
+        data = self._data_path()
+        if self.data_bytes and not data.exists():
+            self._recover_data(data)
+        if data.exists():
+            with open(data, "r+b") as f:
+                f.truncate(self.data_bytes)
+
+    def _recover_data(self, data: Path) -> None:
+        """A run killed after closing the open shard (a later state than the one resumed) removed its data file;
+        the closed shard's data section starts with the same bytes."""
+        shard = self.folder / f"shard-{len(self.shards):05d}.tmp"
+        if not shard.exists():
+            raise CheckpointError(f"{data} is missing: the partial conversion cannot be resumed")
+        with open(shard, "rb") as src, open(data, "wb") as out:
+            (header_len,) = struct.unpack("<Q", src.read(8))
+            src.seek(8 + header_len)
+            left = self.data_bytes
+            while left:
+                chunk = src.read(min(left, COPY_CHUNK))
+                if not chunk:
+                    raise CheckpointError(f"{shard} is shorter than its recorded data: cannot resume")
+                out.write(chunk)
+                left -= len(chunk)
+
+    def _data_path(self) -> Path:
+        return self.folder / f"shard-{len(self.shards):05d}.data"
+
+    def state(self) -> dict:
+        return {
+            "shards": self.shards,
+            "entries": self.entries,
+            "data_bytes": self.data_bytes,
+            "total_bytes": self.total_bytes,
+        }
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        if name in self.pending or any(name in s for s in self.shards):
+        if name in self.names:
             raise CheckpointError(f"tensor {name!r} written twice")
+        if tensor.dtype not in SAFETENSORS_DTYPES:
+            raise CheckpointError(f"tensor {name!r} has dtype {tensor.dtype}, which safetensors cannot store")
         size = tensor.numel() * tensor.element_size()
-        if self.pending and self.pending_bytes + size > self.max_shard_bytes:
+        if self.entries and self.data_bytes + size > self.max_shard_bytes:
             self.flush()
-        self.pending[name] = tensor.contiguous()
-        self.pending_bytes += size
+        data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+        with open(self._data_path(), "ab") as f:
+            f.write(data.data)
+        dtype = SAFETENSORS_DTYPES[tensor.dtype]
+        self.entries.append([name, dtype, list(tensor.shape), [self.data_bytes, self.data_bytes + size]])
+        self.names.add(name)
+        self.data_bytes += size
         self.total_bytes += size
 
     def flush(self) -> None:
-        if not self.pending:
+        """Close the open shard: header (8-byte length, JSON padded to 8 bytes), then the data, streamed."""
+        if not self.entries:
             return
-        save_file(self.pending, self.folder / f"shard-{len(self.shards):05d}.tmp", metadata={"format": "pt"})
-        self.shards.append(list(self.pending))
-        self.pending, self.pending_bytes = {}, 0
+        header = {"__metadata__": {"format": "pt"}}
+        header.update({n: {"dtype": d, "shape": s, "data_offsets": o} for n, d, s, o in self.entries})
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        data = self._data_path()
+        with open(self.folder / f"shard-{len(self.shards):05d}.tmp", "wb") as out, open(data, "rb") as src:
+            out.write(struct.pack("<Q", len(raw)))
+            out.write(raw)
+            shutil.copyfileobj(src, out, COPY_CHUNK)
+        data.unlink()
+        self.shards.append([e[0] for e in self.entries])
+        self.entries, self.data_bytes = [], 0
 
     def finish(self) -> None:
         """Name the shards model-XXXXX-of-YYYYY.safetensors (or model.safetensors) and write the index."""
@@ -156,23 +232,33 @@ def copy_side_files(source: Path, dest: Path) -> list[str]:
     return copied
 
 
+def partial_folder(out: Path) -> Path:
+    """Where a resumable run builds `out` (hidden, and without a config.json until it is finished)."""
+    return Path(out).parent / f".{Path(out).name}.partial"
+
+
 @contextmanager
-def atomic_folder(out: Path, overwrite: bool) -> Iterator[Path]:
-    """A temporary folder beside `out`, renamed to `out` only when the block finishes; removed if it fails, so an
-    interrupted run never leaves a folder that looks like a checkpoint."""
+def atomic_folder(
+    out: Path, overwrite: bool, tmp: Path | None = None, keep: Callable[[Path], bool] | None = None
+) -> Iterator[Path]:
+    """A temporary folder beside `out` (`tmp`, or a fresh one), renamed to `out` only when the block finishes, so an
+    interrupted run never leaves a folder that looks like a checkpoint. If the block fails, the temporary folder is
+    removed unless `keep(tmp)` says it holds resumable work."""
     out = Path(out)
     if out.exists() and not overwrite:
         raise CheckpointError(f"{out} exists (pass --overwrite to replace it)")
     if out.exists() and not out.is_dir():
         raise CheckpointError(f"{out} exists and is not a folder")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    if tmp is None:
+        tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(exist_ok=True)
     try:
         yield tmp
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if keep is None or not keep(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
     if out.exists():
         old = out.parent / f".{out.name}.old-{os.getpid()}"
