@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 DEMO ?= demo
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt
 
-.PHONY: install test test-fast lint demo bench-quality bench-finetune clean
+.PHONY: install test test-fast lint demo bench-quality bench-finetune bench-scale bench-speed clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,12 @@ bench-quality: $(STAMP)
 
 bench-finetune: $(STAMP)
 	$(PY) scripts/bench_finetune.py --out bench-out/finetune
+
+bench-scale: $(STAMP)
+	$(PY) scripts/bench_scale.py --out bench-out/scale
+
+bench-speed: $(STAMP)
+	$(PY) scripts/bench_speed.py --out bench-out/speed
 
 clean:
 	rm -rf $(VENV) $(DEMO) *.egg-info

@@ -74,6 +74,7 @@ def cmd_convert(args: argparse.Namespace) -> None:
         approximate_qk_norm=args.approximate_qk_norm,
         max_shard_bytes=int(args.max_shard_mb * 1024**2),
         resume=args.resume,
+        refit_memory_gb=args.refit_memory_gb,
         progress=not args.quiet,
         announce=lambda line: print(f"mfakit: {line}", file=sys.stderr, flush=True),
     )
@@ -217,6 +218,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--approximate-qk-norm",
         action="store_true",
         help="allow QK-norm models (Qwen3, OLMo-2): fold each norm into its projection with a calibrated gain",
+    )
+    p.add_argument(
+        "--refit-memory-gb",
+        type=float,
+        default=4.0,
+        help="skip the output refit where its statistics need more memory than this (default: 4)",
     )
     p.add_argument("--max-shard-mb", type=float, default=2048, help="output shard size in MiB (default: 2048)")
     p.add_argument(

@@ -144,3 +144,17 @@ def fingerprint(texts: list[str]) -> str:
     for t in texts:
         crc = zlib.crc32(t.encode("utf-8"), crc)
     return f"{crc:08x}"
+
+
+def train_bpe_tokenizer(vocab: int):
+    """A byte-level BPE tokenizer of `vocab` tokens trained on the built-in calibration text (<unk> = 0, <eos> = 1),
+    for synthetic and test checkpoints that have no tokenizer of their own."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<unk>", "<eos>"], show_progress=False)
+    tok.train_from_iterator(builtin_texts("pydoc", "calibration"), trainer=trainer)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>", pad_token="<eos>")

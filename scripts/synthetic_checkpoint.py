@@ -1,7 +1,7 @@
 """Write a Llama-shaped checkpoint of random weights, of any size, in safetensors shards, with a byte-level BPE
 tokenizer trained on the built-in corpus. Memory stays at one tensor: the shards are streamed to disk.
 
-    python scripts/synthetic_checkpoint.py OUT --gigabytes 8 --shards 8       # the conversion benchmark's model
+    python scripts/synthetic_checkpoint.py OUT --gigabytes 8                  # hidden 4096, 8 shards, bfloat16
     python scripts/synthetic_checkpoint.py OUT --layers 8 --hidden 1024 ...   # explicit shape (tests)
 
 Weights are N(0, 1/fan_in) (RMS-norm weights 1), so activations keep their scale through the layers and the
@@ -15,11 +15,10 @@ import math
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, PreTrainedTokenizerFast
+from transformers import LlamaConfig
 
 from mfakit.convert.io import ShardedWriter, atomic_folder
-from mfakit.data import builtin_texts
+from mfakit.data import train_bpe_tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -67,15 +66,6 @@ def checkpoint_bytes(config: LlamaConfig, element: int) -> int:
     return sum(math.prod(s) for _, s in tensor_shapes(config)) * element
 
 
-def train_tokenizer(vocab: int) -> PreTrainedTokenizerFast:
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<unk>", "<eos>"], show_progress=False)
-    tok.train_from_iterator(builtin_texts("pydoc", "calibration"), trainer=trainer)
-    tok.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>", pad_token="<eos>")
-
-
 def write_synthetic(out: Path, config: LlamaConfig, shards: int, seed: int = 0, overwrite: bool = False) -> Path:
     """Stream the random tensors into `shards` shards of about equal size, then config and tokenizer."""
     element = DTYPES[str(config.dtype).removeprefix("torch.")]
@@ -93,27 +83,22 @@ def write_synthetic(out: Path, config: LlamaConfig, shards: int, seed: int = 0, 
             writer.add(name, tensor.to(element))
         writer.finish()
         config.save_pretrained(tmp)
-        train_tokenizer(config.vocab_size).save_pretrained(tmp)
+        train_bpe_tokenizer(config.vocab_size).save_pretrained(tmp)
     return out
 
 
-def shape_for(gigabytes: float, element: int, layers: int | None) -> tuple[int, int]:
-    """(layers, hidden) of a Llama-7B-like shape (head_dim 128, 4x MLP) whose checkpoint is about `gigabytes`."""
-    per_hidden_sq = 4 + 3 * 4  # q, k, v, o (upper bound) and the 4x MLP, in hidden^2 per layer
-    target = gigabytes * 1e9 / element
-    for hidden in range(8192, 0, -128):
-        n = layers or max(1, round(target / (per_hidden_sq * hidden**2)))
-        if n * per_hidden_sq * hidden**2 <= target:
-            return n, hidden
-    raise ValueError(f"no Llama shape of about {gigabytes} GB")
+def layers_for(gigabytes: float, hidden: int, element: int) -> int:
+    """Layers of a Llama-7B-like shape (head_dim 128, a quarter as many KV heads, 4x MLP: 14.5 hidden^2
+    parameters per layer) whose checkpoint is about `gigabytes`."""
+    return max(1, round(gigabytes * 1e9 / (14.5 * hidden**2 * element)))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path)
-    parser.add_argument("--gigabytes", type=float, help="pick layers and hidden size for about this many GB")
+    parser.add_argument("--gigabytes", type=float, help="pick the number of layers for about this many GB")
     parser.add_argument("--layers", type=int)
-    parser.add_argument("--hidden", type=int)
+    parser.add_argument("--hidden", type=int, default=4096)
     parser.add_argument("--heads", type=int, help="query heads (default: hidden / 128)")
     parser.add_argument("--kv-heads", type=int, help="key/value heads (default: heads / 4)")
     parser.add_argument("--vocab", type=int, default=4096)
@@ -123,12 +108,10 @@ def main() -> None:
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args()
     element = torch.tensor([], dtype=DTYPES[args.dtype]).element_size()
-    if args.gigabytes:
-        layers, hidden = shape_for(args.gigabytes, element, args.layers)
-    elif args.layers and args.hidden:
-        layers, hidden = args.layers, args.hidden
-    else:
-        parser.error("give --gigabytes, or --layers and --hidden")
+    if (args.gigabytes is None) == (args.layers is None):
+        parser.error("give exactly one of --gigabytes and --layers")
+    hidden = args.hidden
+    layers = args.layers or layers_for(args.gigabytes, hidden, element)
     heads = args.heads or max(1, hidden // 128)
     kv_heads = args.kv_heads or max(1, heads // 4)
     config = llama_config(layers, hidden, heads, kv_heads, args.vocab, args.dtype)

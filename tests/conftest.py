@@ -8,11 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, PreTrainedTokenizerFast, Qwen2Config
 
 import mfakit  # noqa: F401  (registers the MFA classes)
-from mfakit.data import builtin_texts
+from mfakit.data import builtin_texts, train_bpe_tokenizer
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 VOCAB = 384
@@ -27,12 +26,7 @@ TINY = {
 
 @pytest.fixture(scope="session")
 def tokenizer(tmp_path_factory) -> PreTrainedTokenizerFast:
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<unk>", "<eos>"], show_progress=False)
-    tok.train_from_iterator(builtin_texts("pydoc", "calibration"), trainer=trainer)
-    tok.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>", pad_token="<eos>")
+    return train_bpe_tokenizer(VOCAB)
 
 
 def build_tiny(kind: str, folder: Path, tokenizer, seed: int = 0, max_shard_size: str = "2GB", **overrides) -> Path:

@@ -177,3 +177,15 @@ def test_balance_keeps_the_function_and_gives_unit_latent_scale(variant):
     assert torch.allclose((ms[:half] + ms[half:]) / 2, torch.ones(half, dtype=torch.float64))
     if out.wv is not None:
         assert torch.allclose(((out.wv @ sigma) * out.wv).sum(1), torch.ones(out.v_dim, dtype=torch.float64))
+
+
+def test_refit_over_its_memory_limit_is_skipped(tiny, tmp_path, capsys):
+    """A refit whose statistics exceed --refit-memory-gb is skipped, with a note: the output is then the same bytes
+    as --no-refit."""
+    src = str(tiny("llama-gqa"))
+    common = ["--variant", "mfa-kr", "--kv-ratio", "0.5", *CALIB]
+    assert main(["convert", src, str(tmp_path / "limited"), *common, "--refit-memory-gb", "1e-6"]) == 0
+    assert "output refit skipped" in capsys.readouterr().err
+    assert main(["convert", src, str(tmp_path / "none"), *common, "--no-refit"]) == 0
+    shard = "model.safetensors"
+    assert (tmp_path / "limited" / shard).read_bytes() == (tmp_path / "none" / shard).read_bytes()

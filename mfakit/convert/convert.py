@@ -59,6 +59,16 @@ DEFAULT_CALIB_TOKENS = 16384
 DEFAULT_CALIB_SEQ_LEN = 512
 CALIB_BATCH = 8
 READOUT_FOLDS = 8
+RECORDED_SETTINGS = (
+    "kv_ratio",
+    "kv_dim",
+    "share_q_dim",
+    "method",
+    "calibration",
+    "calibration_tokens",
+    "calibration_seq_len",
+    "mfakit_version",
+)
 
 
 class BudgetError(ValueError):
@@ -354,6 +364,7 @@ def convert(
     max_shard_bytes: int = 2 * 1024**3,
     approximate_qk_norm: bool = False,
     resume: bool = False,
+    refit_memory_gb: float = 4.0,
     progress: bool = True,
     announce: Callable[[str], None] | None = None,
 ) -> ConvertSummary:
@@ -366,7 +377,8 @@ def convert(
     The work is built in a hidden partial folder beside `out` and renamed when finished. After every layer the
     partial folder records a resume state (the writer's position and the calibration hidden states); if the run is
     killed, `resume=True` with the same settings continues after the last finished layer and writes the same bytes
-    as an uninterrupted run.
+    as an uninterrupted run. The output refit's statistics take (folds + 1) * n * (n + d) * 8 bytes for n =
+    heads * v_dim readout features; layers where that exceeds `refit_memory_gb` keep the factorization's readout.
     """
     start = time.time()
     if variant not in VARIANTS:
@@ -427,6 +439,7 @@ def convert(
         "dtype": dtype,
         "max_shard_bytes": max_shard_bytes,
         "approximate_qk_norm": approximate_qk_norm,
+        "refit_memory_gb": refit_memory_gb,
         "mfakit_version": mfakit.__version__,
     }
     partial = partial_folder(Path(out))
@@ -448,6 +461,7 @@ def convert(
             source_stream, converted_stream = load_streams(tmp, state, device)
             specs, out_dtype, first = state["specs"], getattr(torch, state["out_dtype"]), state["next_layer"]
         free_outside_layers(skeleton, layout.layers_path)
+        skipped_refit = False
         bar = tqdm(total=n_layers, initial=first, desc="converting layers", disable=not progress, unit="layer")
         for i in range(first, n_layers):
             args = inputs.layer_args[i]
@@ -473,13 +487,22 @@ def convert(
             exact = is_exact(src, variant, *widths)
             sigma = second_moment(x)
             mfa = convert_layer(src, sigma, variant, *widths, method, context)
-            if method.refit and not exact:
+            features = mfa.wo.shape[1] * mfa.wo.shape[2]
+            # Folds only serve the ridge's cross-validation, which plentiful tokens skip (see choose_ridge).
+            n_folds = 1 if n_calib >= fz.PLENTY * features else READOUT_FOLDS
+            refit_bytes = (n_folds + 1) * features * (features + mfa.wo.shape[0]) * 8
+            if method.refit and not exact and refit_bytes > refit_memory_gb * 1e9:
+                if announce is not None and not skipped_refit:
+                    announce(
+                        f"layer {i}: output refit skipped ({features} readout features need "
+                        f"{refit_bytes / 1e9:.1f} GB > refit_memory_gb {refit_memory_gb}); same for wider layers"
+                    )
+                skipped_refit = True
+            elif method.refit and not exact:
                 spec = mfa_layer_spec(mfa, src, None, softcap)
                 module = mfa_module(config, variant, layout, spec, mfa_tensors(layout, i, mfa, src, torch.float32), i)
                 module.to(device=device, dtype=compute_dtype)
-                # Folds only serve the ridge's cross-validation, which plentiful tokens skip (see choose_ridge).
-                plenty = n_calib >= fz.PLENTY * module.o_proj.in_features
-                folds = readout_statistics(module, x, src_run.attn_out, args, src.bo, 1 if plenty else READOUT_FOLDS)
+                folds = readout_statistics(module, x, src_run.attn_out, args, src.bo, n_folds)
                 mfa, _ = fz.readout_refit(mfa, folds)
             mfa = fz.balance(mfa, sigma)
             q_factors = fz.factor_query(mfa, sigma, share_q_dim) if share_q_dim else None
@@ -517,14 +540,7 @@ def convert(
                 "source": str(folder.resolve()) if Path(source).is_dir() else str(source),
                 "family": layout.family,
                 "approximate_qk_norm": bool(layout.qk_norm),
-                "kv_ratio": kv_ratio,
-                "kv_dim": kv_dim,
-                "share_q_dim": share_q_dim,
-                "method": asdict(method),
-                "calibration": calib_description,
-                "calibration_tokens": n_calib,
-                "calibration_seq_len": calib_seq_len,
-                "mfakit_version": mfakit.__version__,
+                **{k: settings[k] for k in RECORDED_SETTINGS},
             },
         )
     element = torch.tensor([], dtype=out_dtype).element_size()

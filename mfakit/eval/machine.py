@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import platform
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -22,3 +27,33 @@ def machine_name(device: str = "cpu") -> str:
     if device.startswith("cuda"):
         return torch.cuda.get_device_name(torch.device(device))
     return f"{cpu_name()}, {torch.get_num_threads()} threads"
+
+
+# VmHWM is this process's own high-water mark; ru_maxrss is not: Linux carries it over exec from the parent that
+# forked the process, so a large parent (a test session, a benchmark driver) would hide the child's real peak.
+_PEAK = (
+    "import sys\n"
+    "from mfakit.cli import main\n"
+    "code = main(sys.argv[1:]) if len(sys.argv) > 1 else 0\n"
+    "hwm = [line.split()[1] for line in open('/proc/self/status') if line.startswith('VmHWM')]\n"
+    "print('PEAK_KB', hwm[0], file=sys.stderr)\n"
+    "sys.exit(code)\n"
+)
+
+
+@dataclass
+class MeasuredRun:
+    returncode: int
+    seconds: float
+    peak_rss_bytes: int
+    stderr: str
+
+
+def run_measured(argv: list[str], timeout: float | None = None) -> MeasuredRun:
+    """Run `mfakit ARGV` (no ARGV: only the imports) in a fresh process; its wall time and peak resident memory
+    (Linux: /proc/self/status)."""
+    start = time.time()
+    result = subprocess.run([sys.executable, "-c", _PEAK, *argv], capture_output=True, text=True, timeout=timeout)
+    seconds = time.time() - start
+    found = re.search(r"PEAK_KB (\d+)", result.stderr)
+    return MeasuredRun(result.returncode, seconds, int(found.group(1)) * 1024 if found else 0, result.stderr)
