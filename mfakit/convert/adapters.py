@@ -202,7 +202,7 @@ def _linear(layout: AttentionLayout, module: nn.Module) -> torch.Tensor:
     """(out, in + 1) rows in float64, the bias (or zeros) as the last column."""
     w = module.weight.detach().to(torch.float64)
     w = w.T if layout.conv1d else w
-    b = module.bias.detach().to(torch.float64) if getattr(module, "bias", None) is not None else w.new_zeros(w.shape[0])
+    b = module.bias.detach().to(torch.float64) if _has_bias(module) else w.new_zeros(w.shape[0])
     return torch.cat([w, b[:, None]], 1)
 
 
