@@ -198,9 +198,10 @@ def mfa_module(
         text_config=config.to_dict(), variant=variant, mfa_layers=[spec] * config.num_hidden_layers
     )
     layer_config._attn_implementation = "sdpa"  # on a fresh text config: the source skeleton keeps its own
-    module = MFAAttention(layer_config, layer)
+    with torch.device("meta"):  # no random initialisation of weights about to be replaced
+        module = MFAAttention(layer_config, layer)
     prefix = layout.attention_prefix(layer) + "."
-    module.load_state_dict({k.removeprefix(prefix): v for k, v in tensors.items()}, strict=True)
+    module.load_state_dict({k.removeprefix(prefix): v for k, v in tensors.items()}, strict=True, assign=True)
     return module.eval()
 
 
@@ -504,7 +505,7 @@ def convert(
                 module.to(device=device, dtype=compute_dtype)
                 folds = readout_statistics(module, x, src_run.attn_out, args, src.bo, n_folds)
                 mfa, _ = fz.readout_refit(mfa, folds)
-            mfa = fz.balance(mfa, sigma)
+            fz.balance_(mfa, sigma)
             q_factors = fz.factor_query(mfa, sigma, share_q_dim) if share_q_dim else None
             tensors = mfa_tensors(layout, i, mfa, src, out_dtype, q_factors)
             for name, tensor in tensors.items():

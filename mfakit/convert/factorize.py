@@ -1,6 +1,9 @@
 """The factorization math: one source attention layer (plus the second moment of its input) in, MFA weights out.
 
-Pure functions on float64 tensors; no I/O, no devices, no progress bars.
+Pure functions on tensors; no I/O, no devices, no progress bars. Statistics, eigenproblems and solves are in float64;
+the per-head query rows (h, C, d1) and output columns (d, h, C) of a converted layer are in float32 (WIDE): they grow
+with heads times latent width (one hidden-4096 layer at C = 1024: 0.5 GB each in float32) and are only ever products
+of float64 factors, rounded once, well above the precision of the checkpoints they are written to.
 
 Notation for one layer: attention input x in R^d, augmented with a constant 1 so that biases are ordinary weight
 columns (x~ = [x; 1], d1 = d + 1); Sigma = E[x~ x~^T] (d1 x d1) from calibration text. The source has h query heads and
@@ -24,6 +27,8 @@ import torch
 
 Tensor = torch.Tensor
 EIG_RTOL = 1e-10  # eigen-directions below this fraction of the largest carry nothing and are never chosen
+WIDE = torch.float32
+WIDE_COMPLEX = torch.complex64
 
 
 @dataclass
@@ -80,7 +85,8 @@ class Latent:
     """The channels of a latent before layout: complex RoPE pairs and real NoPE channels, with what reads them.
 
     pair_rows: (n_p, d1) complex, pair_freqs: (n_p,), real_rows: (n_r, d1): encoder rows.
-    q_pair_rows: (h, n_p, d1) complex, q_real_rows: (h, n_r, d1): the query rows of every head that meet them.
+    q_pair_rows: (h, n_p, d1) complex, q_real_rows: (h, n_r, d1): the query rows of every head that meet them
+    (WIDE_COMPLEX and WIDE).
     """
 
     pair_rows: Tensor
@@ -98,7 +104,7 @@ class Latent:
 
 @dataclass
 class MFALayer:
-    """One converted layer (float64).
+    """One converted layer: float64, but wq and wo in WIDE.
 
     wq: (h, C, d1) per-head query rows; wk: (C, d1) key latent rows; wv: (v_dim, d1) value rows (MFA) or None
     (MFA-KR: the value is the pre-RoPE key latent); wo: (d, h, v_dim) output projection reading the value (MFA-KR:
@@ -142,7 +148,7 @@ def layout(lat: Latent, width: int | None = None) -> tuple[Tensor, Tensor, Tenso
     wk = lat.real_rows.new_zeros(width, d1)
     wk[re], wk[im], wk[real] = lat.pair_rows.real, lat.pair_rows.imag, lat.real_rows
     h = lat.q_real_rows.shape[0]
-    wq = lat.real_rows.new_zeros(h, width, d1)
+    wq = lat.q_real_rows.new_zeros(h, width, d1)
     wq[:, re], wq[:, im], wq[:, real] = lat.q_pair_rows.real, lat.q_pair_rows.imag, lat.q_real_rows
     freqs = lat.pair_freqs.new_zeros(width // 2)
     freqs[:n_p] = lat.pair_freqs
@@ -152,9 +158,9 @@ def layout(lat: Latent, width: int | None = None) -> tuple[Tensor, Tensor, Tenso
 def _value_readout(src: SourceAttention, value_slots: Tensor, width: int) -> Tensor:
     """Output projection (d, h, width) that reads head j(i)'s values from the given latent slots (g*d_v of them)."""
     d, h, dv = src.wo.shape
-    wo = src.wo.new_zeros(d, h, width)
+    wo = torch.zeros(d, h, width, dtype=WIDE)
     for i, j in enumerate(src.group.tolist()):
-        wo[:, i, value_slots[j * dv : (j + 1) * dv]] = src.wo[:, i]
+        wo[:, i, value_slots[j * dv : (j + 1) * dv]] = src.wo[:, i].to(WIDE)
     return wo
 
 
@@ -165,8 +171,8 @@ def exact_key_latent(src: SourceAttention) -> Latent:
     q_pairs = src.query_pairs()
     q_nope = src.wq[:, 2 * P :]
     n_nope = q_nope.shape[1]
-    q_pair_rows = q_pairs.new_zeros(h, g, P, d1)
-    q_real_rows = src.wq.new_zeros(h, g, n_nope, d1)
+    q_pair_rows = torch.zeros(h, g, P, d1, dtype=WIDE_COMPLEX)
+    q_real_rows = torch.zeros(h, g, n_nope, d1, dtype=WIDE)
     for i, j in enumerate(src.group.tolist()):
         q_pair_rows[i, j], q_real_rows[i, j] = q_pairs[i], q_nope[i]
     return Latent(
@@ -185,7 +191,7 @@ def exact_mfa(src: SourceAttention) -> MFALayer:
     j(i) of the value latent through W_O^i. Logits and outputs equal the source's.
     """
     wk, wq, freqs = layout(exact_key_latent(src))
-    wv = src.wv.reshape(-1, src.wv.shape[2])
+    wv = src.wv.reshape(-1, src.wv.shape[2]).clone()
     wo = _value_readout(src, torch.arange(wv.shape[0]), wv.shape[0])
     return MFALayer(wq=wq, wk=wk, wv=wv, wo=wo, bo=src.bo, rope_freqs=freqs, scale=src.scale)
 
@@ -204,7 +210,7 @@ def exact_mfa_kr(src: SourceAttention) -> MFALayer:
         pair_freqs=keys.pair_freqs,
         real_rows=torch.cat([keys.real_rows, values]),
         q_pair_rows=keys.q_pair_rows,
-        q_real_rows=torch.cat([keys.q_real_rows, values.new_zeros(h, n_v, values.shape[1])], 1),
+        q_real_rows=torch.cat([keys.q_real_rows, torch.zeros(h, n_v, values.shape[1], dtype=WIDE)], 1),
     )
     wk, wq, freqs = layout(lat)
     _, _, real = latent_slots(lat.pair_rows.shape[0], lat.real_rows.shape[0], wk.shape[0])
@@ -332,34 +338,34 @@ def key_latent(src: SourceAttention, groups: list[KeyGroup], counts: list[int]) 
     conj(dec_{j(i),k}) z_{q,i,t}, which reproduces Re(z_q conj(z_k-hat) e^{i phi}) for the reconstruction z_k-hat =
     dec l. NoPE components alike with real rows.
     """
-    P = src.num_pairs
+    P, h, d1 = src.num_pairs, src.num_heads, src.wk.shape[2]
     keys, queries = src.key_pairs(), src.query_pairs()
     group = src.group
-    pair_rows, pair_freqs, q_pairs = [], [], []
-    real_rows = src.wk.new_zeros(0, src.wk.shape[2])
-    q_reals = src.wk.new_zeros(src.num_heads, 0, src.wk.shape[2])
+    pair_counts = [n for gr, n in zip(groups, counts, strict=True) if gr.is_complex]
+    pair_rows = keys.new_zeros(sum(pair_counts), d1)
+    pair_freqs = src.rope_freqs.new_zeros(sum(pair_counts))
+    q_pairs = torch.zeros(h, sum(pair_counts), d1, dtype=WIDE_COMPLEX)
+    real_rows = src.wk.new_zeros(0, d1)
+    q_reals = torch.zeros(h, 0, d1, dtype=WIDE)
+    start = 0
     for t, (gr, n) in enumerate(zip(groups, counts, strict=True)):
         if n == 0:
             continue
         enc, dec = gr.enc[:n], gr.dec[:, :n]
         if gr.is_complex:
-            pair_rows.append(enc @ keys[:, t])
-            pair_freqs.append(torch.full((n,), gr.freq, dtype=src.rope_freqs.dtype))
-            q_pairs.append(dec.conj()[group][:, :, None] * queries[:, t][:, None, :])
+            block = slice(start, start + n)
+            pair_rows[block] = enc @ keys[:, t]
+            pair_freqs[block] = gr.freq
+            q_pairs[:, block] = dec.conj()[group][:, :, None] * queries[:, t][:, None, :]
+            start += n
         else:
             nope = src.wk[:, 2 * P :]
-            g, n_nope, d1 = nope.shape
+            g, n_nope, _ = nope.shape
             real_rows = enc @ nope.reshape(g * n_nope, d1)
             dec = dec.reshape(g, n_nope, n)[group]  # (h, n_nope, n)
-            q_reals = torch.einsum("hck,hcd->hkd", dec, src.wq[:, 2 * P :])
-    d1 = src.wk.shape[2]
-    cdtype = keys.dtype
+            q_reals = torch.einsum("hck,hcd->hkd", dec.to(WIDE), src.wq[:, 2 * P :].to(WIDE))
     return Latent(
-        pair_rows=torch.cat(pair_rows) if pair_rows else keys.new_zeros(0, d1),
-        pair_freqs=torch.cat(pair_freqs) if pair_freqs else src.rope_freqs.new_zeros(0),
-        real_rows=real_rows,
-        q_pair_rows=torch.cat(q_pairs, 1) if q_pairs else torch.zeros(src.num_heads, 0, d1, dtype=cdtype),
-        q_real_rows=q_reals,
+        pair_rows=pair_rows, pair_freqs=pair_freqs, real_rows=real_rows, q_pair_rows=q_pairs, q_real_rows=q_reals
     )
 
 
@@ -408,7 +414,7 @@ def value_readout(src: SourceAttention, latent_rows: Tensor, sigma: Tensor) -> T
     with R the least-squares reconstruction of head j(i)'s values."""
     g, dv = src.num_kv_heads, src.wv.shape[1]
     R = ls_readout(src.wv.reshape(g * dv, -1), latent_rows, sigma).reshape(g, dv, -1)
-    return torch.einsum("dhv,hvn->dhn", src.wo, R[src.group])
+    return torch.einsum("dhv,hvn->dhn", src.wo.to(WIDE), R[src.group].to(WIDE))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -438,7 +444,7 @@ def compress_mfa_kr(src: SourceAttention, sigma: Tensor, kv_dim: int, key_channe
         pair_freqs=keys.pair_freqs,
         real_rows=torch.cat([keys.real_rows, values]),
         q_pair_rows=keys.q_pair_rows,
-        q_real_rows=torch.cat([keys.q_real_rows, values.new_zeros(h, values.shape[0], d1)], 1),
+        q_real_rows=torch.cat([keys.q_real_rows, torch.zeros(h, values.shape[0], d1, dtype=WIDE)], 1),
     )
     wk, wq, freqs = layout(lat, kv_dim)
     wo = value_readout(src, wk, sigma)
@@ -461,28 +467,32 @@ def factor_query(layer: MFALayer, sigma: Tensor, rank: int) -> tuple[Tensor, Ten
     """Low-rank query q = Q_b (S_Q x~): S_Q (rank, d1) shared by all heads, Q_b (h*C, rank).
 
     Query errors are weighted by the key energy they meet: minimise E||K^{1/2} (W - Q_b S_Q) x~||^2 with
-    K = diag(key energy of each head's channel). The optimum projects K^{1/2} W x~ onto the top eigenvectors U of its
-    covariance K^{1/2} W Sigma W^T K^{1/2}: S_Q = U^T K^{1/2} W, Q_b = K^{-1/2} U. Channels that meet no key energy
-    (MFA-KR value channels) are zero rows of W and stay zero. The rank is capped at that of K^{1/2} W Sigma^{1/2}.
+    K = diag(key energy of each head's channel), W = the (h*C, d1) query rows. The optimum keeps the top right
+    singular vectors V (eigenvalues lam) of B = K^{1/2} W Sigma^{1/2}, found from the (d1, d1) matrix
+    B^T B = Sigma^{1/2} M Sigma^{1/2} with M = W^T K W, never from the (h*C, h*C) one: S_Q = lam^{-1/2} V^T
+    Sigma^{1/2} M (a combination of query rows, as the left singular vectors U give: S_Q = U^T K^{1/2} W) and
+    Q_b = W Sigma^{1/2} V lam^{-1/2}. Channels that meet no key energy (MFA-KR value channels) get zero rows in Q_b.
+    The rank is capped at that of B.
     """
     h, C, d1 = layer.wq.shape
-    w = layer.wq.reshape(h * C, d1)
-    k = key_energy(layer, sigma).repeat(h)
-    live = (k > 0) & (w.abs().sum(1) > 0)
-    root_k = k[live].sqrt()
-    a = root_k[:, None] * w[live]
-    lam, vec = torch.linalg.eigh(a @ sigma @ a.T)
+    k = key_energy(layer, sigma)
+    m = sigma.new_zeros(d1, d1)  # W^T K W, head by head (a whole-W product would copy W)
+    for head in layer.wq:
+        m += ((head.T * k.to(head.dtype)) @ head).to(m.dtype)
+    root_sigma = _sym_sqrt(sigma)
+    lam, vec = torch.linalg.eigh(root_sigma @ m @ root_sigma)
     order = lam.argsort(descending=True)
     live_rank = int((lam > EIG_RTOL * lam.max()).sum())
-    top = vec[:, order[: min(rank, live_rank)]]
-    s_q = top.T @ a
-    q_b = w.new_zeros(h * C, top.shape[1])
-    q_b[live] = top / root_k[:, None]
-    return s_q, q_b
+    top = order[: min(rank, live_rank)]
+    right = root_sigma @ vec[:, top] / lam[top].sqrt()  # (d1, r)
+    q_b = layer.wq.reshape(h * C, d1) @ right.to(layer.wq.dtype)
+    q_b[k.repeat(h) <= 0] = 0
+    return right.T @ m, q_b
 
 
-def balance(layer: MFALayer, sigma: Tensor) -> MFALayer:
-    """Rescale every latent channel pair to unit RMS on the calibration inputs.
+def balance_(layer: MFALayer, sigma: Tensor) -> None:
+    """Rescale every latent channel pair to unit RMS on the calibration inputs, in place (the query rows and output
+    columns are the layer's largest tensors; a copy would add their size to the conversion's peak memory).
 
     Pair p of the key latent can be scaled by s (key rows times s, query rows of every head divided by s, and in
     MFA-KR the output columns reading it divided by s) without changing the function; MFA value channels likewise
@@ -501,14 +511,14 @@ def balance(layer: MFALayer, sigma: Tensor) -> MFALayer:
         return torch.where(ms > 0, ms.rsqrt(), torch.ones_like(ms))
 
     s = unit_scales(layer.wk, paired=True)
-    wk, wq = layer.wk * s[:, None], layer.wq / s[None, :, None]
-    wv, wo = layer.wv, layer.wo
+    layer.wk.mul_(s[:, None])
+    layer.wq.div_(s.to(layer.wq.dtype)[None, :, None])
     if layer.wv is None:
-        wo = wo / s[None, None, :]
+        layer.wo.div_(s.to(layer.wo.dtype)[None, None, :])
     else:
         sv = unit_scales(layer.wv, paired=False)
-        wv, wo = wv * sv[:, None], wo / sv[None, None, :]
-    return MFALayer(wq=wq, wk=wk, wv=wv, wo=wo, bo=layer.bo, rope_freqs=layer.rope_freqs, scale=layer.scale)
+        layer.wv.mul_(sv[:, None])
+        layer.wo.div_(sv.to(layer.wo.dtype)[None, None, :])
 
 
 RIDGES = (1e-8, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
@@ -574,9 +584,9 @@ def readout_refit(layer: MFALayer, folds: list[ReadoutStats]) -> tuple[MFALayer,
     ridge.
     """
     d, h, v = layer.wo.shape
-    prior = layer.wo.reshape(d, h * v)
+    prior = layer.wo.reshape(d, h * v).to(folds[0].gram.dtype)
     ridge = choose_ridge(folds, prior)
-    wo = _ridge_readout(sum(folds[1:], start=folds[0]), prior, ridge).reshape(d, h, v)
+    wo = _ridge_readout(sum(folds[1:], start=folds[0]), prior, ridge).reshape(d, h, v).to(layer.wo.dtype)
     refit = MFALayer(
         wq=layer.wq, wk=layer.wk, wv=layer.wv, wo=wo, bo=layer.bo, rope_freqs=layer.rope_freqs, scale=layer.scale
     )

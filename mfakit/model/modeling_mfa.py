@@ -73,23 +73,6 @@ class MFAConfig(PreTrainedConfig):
         return getattr(text_config, name)
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    """Pairs channel t with channel t + C/2, as transformers' Llama-family RoPE does."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def rope_cos_sin(positions: torch.Tensor, rope_freqs: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
-    """cos and sin of shape (batch, 1, seq, C) for positions (batch, seq) and per-pair frequencies (C/2,)."""
-    angles = positions.to(torch.float32)[..., None] * rope_freqs.to(torch.float32)
-    angles = torch.cat((angles, angles), dim=-1)[:, None]
-    return angles.cos().to(dtype), angles.sin().to(dtype)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    return x * cos + rotate_half(x) * sin
-
-
 class MFARMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -134,14 +117,24 @@ class MFAAttention(nn.Module):
             self.v_proj = nn.Linear(hidden, self.v_dim, bias=spec["v_bias"])
         self.o_proj = nn.Linear(self.num_heads * self.v_dim, hidden, bias=spec["o_bias"])
         # Kept as numbers, not a buffer: a buffer would be cast by model.to(bfloat16) and left empty by meta init.
-        self.rope_freqs_list = [float(f) for f in spec["rope_freqs"]]
-        self.has_rope = any(f != 0 for f in self.rope_freqs_list)
+        freqs = [float(f) for f in spec["rope_freqs"]]
+        # The converter puts NoPE pairs last; only the pairs up to the last rotating one are rotated.
+        self.rotary_pairs = max((p + 1 for p, f in enumerate(freqs) if f != 0), default=0)
+        self.has_rope = self.rotary_pairs > 0
+        self.rope_freqs_list = freqs[: self.rotary_pairs]
         self._rope_freqs: dict[torch.device, torch.Tensor] = {}
 
-    def rope_freqs(self, device: torch.device) -> torch.Tensor:
-        if device not in self._rope_freqs:
-            self._rope_freqs[device] = torch.tensor(self.rope_freqs_list, dtype=torch.float32, device=device)
-        return self._rope_freqs[device]
+    def rotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """RoPE on x (batch, heads, seq, C) at positions (batch, seq): pair p = channels (p, p + C/2) turns by
+        position * rope_freqs[p]. The angles are computed for the rotating pairs only: MFA-KR rotates its whole
+        cached latent at every step, and its cos/sin were the largest cost of decoding."""
+        n, half = self.rotary_pairs, self.kv_dim // 2
+        if x.device not in self._rope_freqs:
+            self._rope_freqs[x.device] = torch.tensor(self.rope_freqs_list, dtype=torch.float32, device=x.device)
+        angles = positions.to(torch.float32)[:, None, :, None] * self._rope_freqs[x.device]
+        cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+        x1, x2 = x[..., :n], x[..., half : half + n]
+        return torch.cat((x1 * cos - x2 * sin, x[..., n:half], x2 * cos + x1 * sin, x[..., half + n :]), dim=-1)
 
     def project_query(self, x: torch.Tensor) -> torch.Tensor:
         if not self.share_q_dim:
@@ -167,8 +160,7 @@ class MFAAttention(nn.Module):
             past = cache.get_seq_length(self.layer_idx) if cache is not None else 0
             position_ids = torch.arange(past, past + seq, device=hidden_states.device)[None]
         if self.has_rope:
-            cos, sin = rope_cos_sin(position_ids, self.rope_freqs(q.device), q.dtype)
-            q = apply_rope(q, cos, sin)
+            q = self.rotate(q, position_ids)
         if self.key_reuse:
             if cache is not None:
                 latent, _ = cache.update(latent, latent[..., :0], self.layer_idx)
@@ -178,9 +170,9 @@ class MFAAttention(nn.Module):
                 key_pos = position_ids
                 if cache is not None:
                     key_pos = position_ids[:, -1:] - torch.arange(latent.shape[2] - 1, -1, -1, device=latent.device)
-                key = apply_rope(latent, *rope_cos_sin(key_pos, self.rope_freqs(q.device), latent.dtype))
+                key = self.rotate(latent, key_pos)
         else:
-            key = apply_rope(latent, cos, sin) if self.has_rope else latent
+            key = self.rotate(latent, position_ids) if self.has_rope else latent
             value = self.v_proj(hidden_states)[:, None]
             if cache is not None:
                 key, value = cache.update(key, value, self.layer_idx)
