@@ -195,3 +195,25 @@ def test_refit_over_its_memory_limit_is_skipped(tiny, tmp_path, capsys):
     assert main(["convert", src, str(tmp_path / "none"), *common, "--no-refit"]) == 0
     shard = "model.safetensors"
     assert (tmp_path / "limited" / shard).read_bytes() == (tmp_path / "none" / shard).read_bytes()
+
+
+@pytest.mark.parametrize("variant", ["mfa", "mfa-kr"])
+def test_query_factorization_reaches_the_eckart_young_bound(variant):
+    """factor_query works from the (d1, d1) matrix W^T K W; its weighted error E||K^{1/2} (W - Q_b S_Q) x~||^2 must
+    be the optimum of any rank-r factorization: the sum of the eigenvalues of B B^T = K^{1/2} W Sigma W^T K^{1/2}
+    past the r-th. MFA-KR's value channels meet no key energy and stay zero rows of Q_b."""
+    src = synthetic_source()
+    layer = fz.exact_mfa(src) if variant == "mfa" else fz.exact_mfa_kr(src)
+    gen = torch.Generator().manual_seed(2)
+    a = torch.randn(9, 40, generator=gen, dtype=torch.float64)
+    sigma = a @ a.T / 40
+    h, C, d1 = layer.wq.shape
+    w = layer.wq.reshape(h * C, d1).double()
+    k = fz.key_energy(layer, sigma).repeat(h)
+    bound = torch.linalg.eigvalsh(k.sqrt()[:, None] * w @ sigma @ w.T * k.sqrt()[None, :]).flip(0)
+    for rank in (2, 5, 8):
+        s_q, q_b = fz.factor_query(layer, sigma, rank)
+        assert s_q.shape == (rank, d1) and q_b.shape == (h * C, rank)
+        error = k.sqrt()[:, None] * (w - q_b.double() @ s_q)
+        assert float(torch.trace(error @ sigma @ error.T)) == pytest.approx(float(bound[rank:].sum()), rel=1e-4)
+        assert torch.equal(q_b[k == 0], torch.zeros_like(q_b[k == 0]))

@@ -11,7 +11,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mfakit.cli import main
-from mfakit.data import builtin_texts, tokenize
+from mfakit.data import TextSource, builtin_texts, tokenize
+from mfakit.eval.ppl import perplexity
 
 pytestmark = pytest.mark.slow
 EVAL = ["--seq-len", "1024", "--max-tokens", "4096", "--json"]
@@ -22,6 +23,12 @@ def ppl(capsys, path, *args: str) -> dict:
     capsys.readouterr()
     assert main(["eval", "ppl", str(path), *args]) == 0
     return json.loads(capsys.readouterr().out)
+
+
+@pytest.fixture(scope="module")
+def source_ppl(smollm2) -> float:
+    """The source's perplexity on the EVAL windows (what `eval ppl` reads by default), computed once."""
+    return perplexity(smollm2, [TextSource("builtin", "pydoc")], seq_len=1024, max_tokens=4096).ppl
 
 
 def test_import_gguf_cli(tmp_path, capsys):
@@ -35,7 +42,7 @@ def test_import_gguf_cli(tmp_path, capsys):
 
 
 def test_ppl_equals_plain_transformers_loop(smollm2, tmp_path, capsys):
-    """`eval ppl --seq-len 1024 --stride 1024 --max-tokens 8192` against 8 non-overlapping windows scored with
+    """`eval ppl --seq-len 1024 --stride 1024 --max-tokens 4096` against 4 non-overlapping windows scored with
     transformers' own loss."""
     tokenizer = AutoTokenizer.from_pretrained(smollm2)
     text = tmp_path / "heldout.txt"
@@ -50,38 +57,40 @@ def test_ppl_equals_plain_transformers_loop(smollm2, tmp_path, capsys):
         "--stride",
         "1024",
         "--max-tokens",
-        "8192",
+        "4096",
         "--json",
     )
-    ids = tokenize(tokenizer, [text.read_text()])[:8192]
+    ids = tokenize(tokenizer, [text.read_text()])[:4096]
     model = AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32).eval()
     losses = []
     with torch.no_grad():
-        for w in range(8):
+        for w in range(4):
             x = ids[w * 1024 : (w + 1) * 1024][None]
             losses.append(model(x, labels=x).loss.item())
-    assert result["tokens"] == 8 * 1023
-    assert result["ppl"] == pytest.approx(math.exp(sum(losses) / 8), rel=1e-5)
+    assert result["tokens"] == 4 * 1023
+    assert result["ppl"] == pytest.approx(math.exp(sum(losses) / 4), rel=1e-5)
 
 
 @pytest.mark.parametrize("variant", ["mfa", "mfa-kr"])
-def test_full_budget_keeps_perplexity(smollm2, tmp_path, capsys, variant):
+def test_full_budget_keeps_perplexity(smollm2, source_ppl, tmp_path, capsys, variant):
     out = tmp_path / variant
     assert main(["convert", str(smollm2), str(out), "--variant", variant, "--kv-ratio", "1.0", *CALIB]) == 0
-    before, after = ppl(capsys, smollm2, *EVAL), ppl(capsys, out, *EVAL)
-    assert after["ppl"] == pytest.approx(before["ppl"], rel=1e-3)
+    assert ppl(capsys, out, *EVAL)["ppl"] == pytest.approx(source_ppl, rel=1e-3)
 
 
-@pytest.mark.parametrize("variant", ["mfa", "mfa-kr"])
-def test_half_budget_converts(smollm2, tmp_path, capsys, variant):
+# MFA-KR at 0.5 has 1,728 readout features: 4,096 calibration tokens are too few for the plain refit, and the
+# cross-validated ridge then solves 72 systems of that size per layer (7 minutes here). With the default 16,384 tokens
+# (as in the benchmarks) the refit is one solve per layer.
+@pytest.mark.parametrize(("variant", "calib_tokens"), [("mfa", "4096"), ("mfa-kr", "16384")])
+def test_half_budget_converts(smollm2, source_ppl, tmp_path, capsys, variant, calib_tokens):
     out = tmp_path / variant
-    assert main(["convert", str(smollm2), str(out), "--variant", variant, "--kv-ratio", "0.5", *CALIB]) == 0
+    convert = ["convert", str(smollm2), str(out), "--variant", variant, "--kv-ratio", "0.5", *CALIB]
+    assert main([*convert, "--calib-tokens", calib_tokens]) == 0
     capsys.readouterr()
     assert main(["eval", "kv", str(out), "--baseline", str(smollm2), "--context", "64"]) == 0
     assert "ratio to baseline: 0.5000" in capsys.readouterr().out
-    before, after = ppl(capsys, smollm2, *EVAL), ppl(capsys, out, *EVAL)
     # A sanity bound, far above what the converter reaches (see the README's results); targets live in benchmarks.
-    assert before["ppl"] < after["ppl"] < 3 * before["ppl"]
+    assert source_ppl < ppl(capsys, out, *EVAL)["ppl"] < 3 * source_ppl
     model = AutoModelForCausalLM.from_pretrained(out).eval()
     tokenizer = AutoTokenizer.from_pretrained(out)
     ids = tokenizer("The for statement is used to", return_tensors="pt").input_ids

@@ -257,8 +257,9 @@ def read_attention(
             rows.copy_(fold_qk_norm(rows, gamma, eps, x))
     P = rope_freqs.shape[0]
     wq[:, : 2 * P] *= rope_scaling**2
-    wo = _linear(layout, attention.get_submodule(layout.o))
-    bo = wo[:, -1] if _has_bias(attention.get_submodule(layout.o)) else None
+    output = attention.get_submodule(layout.o)
+    wo = _linear(layout, output)
+    bo = wo[:, -1] if _has_bias(output) else None
     wo = wo[:, :-1].reshape(wo.shape[0], shape.num_heads, shape.head_dim)
     fused = attention.get_submodule(layout.qkv) if layout.qkv else None
     return SourceAttention(

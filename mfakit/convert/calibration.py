@@ -154,9 +154,7 @@ def embed(
                 base(input_ids=ids.to(device), use_cache=False)
     finally:
         setattr(base, layers_name, real_layers)
-        for name, child in base.named_children():
-            if name != layers_name:
-                child.to("meta")  # frees the embeddings: the layers come next
+        free_outside_layers(skeleton, layers_path)  # the embeddings: the layers come next
     hidden = [h for h, _, _ in stores[0]]
     return LayerInputs(hidden=hidden, layer_args=[[(a, k) for _, a, k in store] for store in stores])
 
