@@ -223,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--refit-memory-gb",
         type=float,
         default=4.0,
-        help="skip the output refit where its statistics need more memory than this (default: 4)",
+        help="memory for the output refit: from statistics, else from the calibration samples, else skipped (default: 4)",
     )
     p.add_argument("--max-shard-mb", type=float, default=2048, help="output shard size in MiB (default: 2048)")
     p.add_argument(

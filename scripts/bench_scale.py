@@ -78,6 +78,7 @@ def main() -> None:
                 "seconds": seconds,
                 "peak_rss_gb": peak_gb,
                 "refit_skipped": "output refit skipped" in stderr,
+                "refit_from_samples": "output refit from the" in stderr,
             }
         )
         print(rows[-1], flush=True)
@@ -91,6 +92,7 @@ def main() -> None:
     ]
     for r in rows:
         refit = "skipped (memory limit)" if r["refit_skipped"] else "yes"
+        refit += " (from samples)" if r["refit_from_samples"] else ""
         lines.append(
             f"| {r['model']} | {r['layers']} | {r['hidden']} | {r['checkpoint_gb']:.2f} GB | {r['shards']} | "
             f"{r['calibration_tokens']:,} | {r['seconds']:.0f} s | {r['peak_rss_gb']:.2f} GB | {refit} |"

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from mfakit.cli import main
+from mfakit.convert import convert as convert_module
 from mfakit.convert import factorize as fz
 from tests.conftest import sample_ids
 from tests.test_convert import CALIB, logits
@@ -66,6 +67,37 @@ def test_ridge_is_chosen_only_when_tokens_are_scarce():
         scarce.append(fz.ReadoutStats(u.T @ u, u.T @ y, float(y.pow(2).sum()), 12))
     assert fz.choose_ridge(scarce, truth) > 1e-3
     assert fz.choose_ridge(scarce[:1], truth) == fz.RIDGES[-1]
+
+
+def samples_and_stats(tokens: int, n: int, folds: int, gen: torch.Generator):
+    """The same random readout data as samples (tokens dealt to folds round-robin) and as per-fold statistics."""
+    u = torch.randn(tokens, n, generator=gen, dtype=torch.float64)
+    y = u @ torch.randn(n, 8, generator=gen, dtype=torch.float64) + 3.0 * torch.randn(tokens, 8, generator=gen)
+    fold = torch.arange(tokens) % folds
+    stats = [
+        fz.ReadoutStats(
+            u[fold == k].T @ u[fold == k], u[fold == k].T @ y[fold == k], float(y[fold == k].pow(2).sum()), 0
+        )
+        for k in range(folds)
+    ]
+    for k, st in enumerate(stats):
+        st.tokens = int((fold == k).sum())
+    return fz.ReadoutSamples(u, y, fold), stats
+
+
+@pytest.mark.parametrize(("tokens", "n"), [(24, 40), (60, 12), (400, 12)])
+def test_refit_from_samples_equals_refit_from_statistics(tokens, n):
+    """The sample (kernel) form gives the statistics form's ridge and readout: with fewer tokens than features
+    (where it is used), with more, and with plenty (no validation)."""
+    gen = torch.Generator().manual_seed(tokens)
+    samples, stats = samples_and_stats(tokens, n, 4, gen)
+    prior = torch.randn(8, n, generator=gen, dtype=torch.float64)
+    layer = layer_with_readout(prior.float(), heads=2)
+    from_samples, ridge = fz.readout_refit(layer, samples)
+    from_stats, expected = fz.readout_refit(layer, stats)
+    assert ridge == expected
+    assert torch.allclose(from_samples.wo, from_stats.wo, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(from_samples.wo, layer.wo)
 
 
 def synthetic_source(pairs: int = 4, nope: int = 2, heads: int = 4, kv_heads: int = 2) -> fz.SourceAttention:
@@ -195,6 +227,23 @@ def test_refit_over_its_memory_limit_is_skipped(tiny, tmp_path, capsys):
     assert main(["convert", src, str(tmp_path / "none"), *common, "--no-refit"]) == 0
     shard = "model.safetensors"
     assert (tmp_path / "limited" / shard).read_bytes() == (tmp_path / "none" / shard).read_bytes()
+
+
+def test_refit_falls_back_to_samples_when_statistics_do_not_fit(tiny, tokenizer, tmp_path, capsys, monkeypatch):
+    """Where the statistics exceed the refit's memory and the samples fit, the refit runs from the samples: the
+    converted model matches the statistics-based refit, unlike the unrefit one."""
+    src = tiny("llama-gqa")
+    common = ["--variant", "mfa-kr", "--kv-ratio", "0.5", *CALIB]
+    assert main(["convert", str(src), str(tmp_path / "stats"), *common]) == 0
+    assert main(["convert", str(src), str(tmp_path / "none"), *common, "--no-refit"]) == 0
+    monkeypatch.setattr(convert_module, "refit_memory", lambda *args: {"statistics": 10**15, "samples": 0})
+    assert main(["convert", str(src), str(tmp_path / "samples"), *common]) == 0
+    err = capsys.readouterr().err
+    assert "output refit from the" in err and "output refit skipped" not in err
+    ids = sample_ids(tokenizer, n=32)
+    reference = logits(tmp_path / "stats", ids)
+    assert (logits(tmp_path / "samples", ids) - reference).abs().max() < 1e-4
+    assert (logits(tmp_path / "none", ids) - reference).abs().max() > 1e-2
 
 
 @pytest.mark.parametrize("variant", ["mfa", "mfa-kr"])

@@ -212,16 +212,19 @@ def readout_statistics(
     layer_args: list,
     bias: torch.Tensor | None,
     folds: int = READOUT_FOLDS,
-) -> list[fz.ReadoutStats]:
+    samples: bool = False,
+) -> list[fz.ReadoutStats] | fz.ReadoutSamples:
     """Readout statistics in `folds` folds (calibration sequences dealt round-robin): the converted layer's
-    output-projection input on its calibration inputs against the source attention output (bias removed)."""
+    output-projection input on its calibration inputs against the source attention output (bias removed); with
+    `samples`, those inputs and outputs themselves."""
     n = module.o_proj.in_features
     d = y[0].shape[-1]
     stats = [
         fz.ReadoutStats(torch.zeros(n, n, dtype=torch.float64), torch.zeros(n, d, dtype=torch.float64), 0.0, 0)
-        for _ in range(folds)
+        for _ in range(0 if samples else folds)
     ]
     features: list[torch.Tensor] = []
+    kept: list[tuple[torch.Tensor, torch.Tensor, int]] = []
     handle = module.o_proj.register_forward_pre_hook(lambda _m, args: features.append(args[0]))
     row = 0
     try:
@@ -235,15 +238,31 @@ def readout_statistics(
                     if bias is not None:
                         target = target - bias
                     k = row % folds
+                    row += 1
+                    if samples:
+                        kept.append((u, target, k))
+                        continue
                     fold = stats[k]
                     fold.gram.addmm_(u.T, u)
                     fold.cross.addmm_(u.T, target)
                     fold.energy += float(target.pow(2).sum())
                     fold.tokens += u.shape[0]
-                    row += 1
     finally:
         handle.remove()
+    if samples:
+        labels = torch.cat([torch.full((u.shape[0],), k) for u, _, k in kept])
+        return fz.ReadoutSamples(torch.cat([u for u, _, _ in kept]), torch.cat([t for _, t, _ in kept]), labels)
     return [s for s in stats if s.energy > 0]
+
+
+def refit_memory(features: int, d: int, tokens: int, folds: int) -> dict[str, int]:
+    """Bytes the output refit needs from statistics ((folds + 1) (n, n + d) sums in float64) and from samples (the
+    (N, n + d) samples in float64 twice over, the (N, N) kernel and the buffers of its solves, and the prior and
+    refit (d, n) readouts)."""
+    return {
+        "statistics": (folds + 1) * features * (features + d) * 8,
+        "samples": 2 * tokens * (features + d) * 8 + 4 * tokens * tokens * 8 + 2 * d * features * 8,
+    }
 
 
 def write_state(writer: ShardedWriter, module: torch.nn.Module, prefix: str, skip: tuple[str, ...]) -> None:
@@ -379,7 +398,9 @@ def convert(
     partial folder records a resume state (the writer's position and the calibration hidden states); if the run is
     killed, `resume=True` with the same settings continues after the last finished layer and writes the same bytes
     as an uninterrupted run. The output refit's statistics take (folds + 1) * n * (n + d) * 8 bytes for n =
-    heads * v_dim readout features; layers where that exceeds `refit_memory_gb` keep the factorization's readout.
+    heads * v_dim readout features; where that exceeds `refit_memory_gb` the refit works from the N calibration
+    samples instead (about 16 N (n + d) + 32 N^2 bytes; same result), and where both do the layer keeps the
+    factorization's readout.
     """
     start = time.time()
     if variant not in VARIANTS:
@@ -462,7 +483,7 @@ def convert(
             source_stream, converted_stream = load_streams(tmp, state, device)
             specs, out_dtype, first = state["specs"], getattr(torch, state["out_dtype"]), state["next_layer"]
         free_outside_layers(skeleton, layout.layers_path)
-        skipped_refit = False
+        skipped_refit = refit_from_samples = False
         bar = tqdm(total=n_layers, initial=first, desc="converting layers", disable=not progress, unit="layer")
         for i in range(first, n_layers):
             args = inputs.layer_args[i]
@@ -491,19 +512,28 @@ def convert(
             features = mfa.wo.shape[1] * mfa.wo.shape[2]
             # Folds only serve the ridge's cross-validation, which plentiful tokens skip (see choose_ridge).
             n_folds = 1 if n_calib >= fz.PLENTY * features else READOUT_FOLDS
-            refit_bytes = (n_folds + 1) * features * (features + mfa.wo.shape[0]) * 8
-            if method.refit and not exact and refit_bytes > refit_memory_gb * 1e9:
+            refit_bytes = refit_memory(features, mfa.wo.shape[0], n_calib, n_folds)
+            if method.refit and not exact and min(refit_bytes.values()) > refit_memory_gb * 1e9:
                 if announce is not None and not skipped_refit:
                     announce(
                         f"layer {i}: output refit skipped ({features} readout features need "
-                        f"{refit_bytes / 1e9:.1f} GB > refit_memory_gb {refit_memory_gb}); same for wider layers"
+                        f"{min(refit_bytes.values()) / 1e9:.1f} GB > refit_memory_gb {refit_memory_gb}); "
+                        "same for wider layers"
                     )
                 skipped_refit = True
             elif method.refit and not exact:
                 spec = mfa_layer_spec(mfa, src, None, softcap)
                 module = mfa_module(config, variant, layout, spec, mfa_tensors(layout, i, mfa, src, torch.float32), i)
                 module.to(device=device, dtype=compute_dtype)
-                folds = readout_statistics(module, x, src_run.attn_out, args, src.bo, n_folds)
+                samples = refit_bytes["statistics"] > refit_memory_gb * 1e9
+                if samples and announce is not None and not refit_from_samples:
+                    announce(
+                        f"layer {i}: output refit from the {n_calib} calibration samples (its statistics would need "
+                        f"{refit_bytes['statistics'] / 1e9:.1f} GB > refit_memory_gb {refit_memory_gb}); same for "
+                        "wider layers"
+                    )
+                refit_from_samples = refit_from_samples or samples
+                folds = readout_statistics(module, x, src_run.attn_out, args, src.bo, n_folds, samples)
                 mfa, _ = fz.readout_refit(mfa, folds)
             fz.balance_(mfa, sigma)
             q_factors = fz.factor_query(mfa, sigma, share_q_dim) if share_q_dim else None

@@ -576,19 +576,77 @@ def choose_ridge(folds: list[ReadoutStats], prior: Tensor) -> float:
     return min(errors, key=errors.get)
 
 
-def readout_refit(layer: MFALayer, folds: list[ReadoutStats]) -> tuple[MFALayer, float]:
+@dataclass
+class ReadoutSamples:
+    """The readout refit's calibration data kept whole, for layers with more readout features n than tokens N, where
+    the (n, n) statistics would not fit: u (N, n) the converted layer's output-projection inputs, y (N, d) the source
+    attention outputs (bias removed), and fold (N,) the cross-validation fold of each token."""
+
+    u: Tensor
+    y: Tensor
+    fold: Tensor
+
+
+def _dual_ridge_readout(u: Tensor, y: Tensor, prior: Tensor, ridge: float) -> Tensor:
+    """The minimiser of `_ridge_readout` from samples: W = P + ((K + lam I)^{-1} (Y - U P^T))^T U with the (N, N)
+    kernel K = U U^T and lam = ridge * mean(diag(U^T U)). Equal to the primal form by the push-through identity
+    (U^T U + lam I)^{-1} U^T = U^T (U U^T + lam I)^{-1}; (d, n)."""
+    lam = ridge * float(u.pow(2).sum() / u.shape[1])
+    kernel = u @ u.T
+    kernel.diagonal().add_(max(lam, 1e-30))
+    return (torch.linalg.solve(kernel, y - u @ prior.T).T @ u).add_(prior)
+
+
+def choose_ridge_dual(samples: ReadoutSamples, prior: Tensor) -> float:
+    """`choose_ridge` on samples: the same rule and the same leave-one-fold-out error, from one (N, N) kernel whose
+    training block is diagonalised once per fold for all ridges (predictions of held-out tokens:
+    U_h P^T + K_ht V diag(1 / (lam_i + lam)) V^T (Y_t - U_t P^T) for K_tt = V diag(lam_i) V^T)."""
+    tokens, n = samples.u.shape
+    folds = samples.fold.unique()
+    if tokens >= PLENTY * n:
+        return STABLE_RIDGE
+    if len(folds) < 2:
+        return RIDGES[-1]
+    kernel = samples.u @ samples.u.T
+    base = samples.u @ prior.T
+    energy = samples.u.pow(2).sum(1)
+    errors = dict.fromkeys(RIDGES, 0.0)
+    for k in folds:
+        held, train = samples.fold == k, samples.fold != k
+        lam, vec = torch.linalg.eigh(kernel[train][:, train])
+        a = vec.T @ (samples.y[train] - base[train])
+        b = kernel[held][:, train] @ vec
+        scale = float(energy[train].sum() / n)
+        for ridge in RIDGES:
+            predicted = base[held] + (b / (lam + ridge * scale)) @ a
+            errors[ridge] += float((samples.y[held] - predicted).pow(2).sum())
+    return min(errors, key=errors.get)
+
+
+def readout_refit(layer: MFALayer, folds: list[ReadoutStats] | ReadoutSamples) -> tuple[MFALayer, float]:
     """Least-squares refit of the output projection against the source layer's attention output.
 
     The readout absorbs what the truncated keys and values lose. It is shrunk towards the current readout (the
-    least-squares reconstruction of the values) by a ridge from `choose_ridge`. Returns the refit layer and the
-    ridge.
+    least-squares reconstruction of the values) by a ridge from `choose_ridge`. From statistics (folds) or, where
+    those would be too large, from the samples themselves (same minimiser). Returns the refit layer and the ridge.
     """
     d, h, v = layer.wo.shape
-    prior = layer.wo.reshape(d, h * v).to(folds[0].gram.dtype)
-    ridge = choose_ridge(folds, prior)
-    wo = _ridge_readout(sum(folds[1:], start=folds[0]), prior, ridge).reshape(d, h, v).to(layer.wo.dtype)
+    if isinstance(folds, ReadoutSamples):
+        prior = layer.wo.reshape(d, h * v).to(folds.u.dtype)
+        ridge = choose_ridge_dual(folds, prior)
+        wo = _dual_ridge_readout(folds.u, folds.y, prior, ridge)
+    else:
+        prior = layer.wo.reshape(d, h * v).to(folds[0].gram.dtype)
+        ridge = choose_ridge(folds, prior)
+        wo = _ridge_readout(sum(folds[1:], start=folds[0]), prior, ridge)
     refit = MFALayer(
-        wq=layer.wq, wk=layer.wk, wv=layer.wv, wo=wo, bo=layer.bo, rope_freqs=layer.rope_freqs, scale=layer.scale
+        wq=layer.wq,
+        wk=layer.wk,
+        wv=layer.wv,
+        wo=wo.reshape(d, h, v).to(layer.wo.dtype),
+        bo=layer.bo,
+        rope_freqs=layer.rope_freqs,
+        scale=layer.scale,
     )
     return refit, ridge
 
