@@ -24,7 +24,7 @@ from mfakit.convert.convert import convert
 from mfakit.convert.gguf import import_gguf, packaged_gguf
 from mfakit.data import TextSource, load_texts, tokenize
 from mfakit.eval.loading import load_model, load_tokenizer
-from mfakit.eval.machine import machine_name
+from mfakit.eval.machine import machine_name, write_report
 from mfakit.eval.ppl import perplexity
 from mfakit.finetune import FinetuneConfig, finetune
 from mfakit.finetune.train import kd_loss
@@ -151,10 +151,8 @@ def write(args: argparse.Namespace, base: float, rows: list[dict], baseline_tps:
             f"{100 * r['gap_closed']:.0f}% | {r['tokens']:,} | {r['train_seconds']:.0f} | {r['tokens_per_second']:.0f} |"
         )
     lines += ["", f"Same training step on the source model (plain PyTorch): {baseline_tps:.0f} tokens/s."]
-    (args.out / "finetune.md").write_text("\n".join(lines) + "\n")
     payload = {"device": device, "source_ppl": base, "rows": rows, "source_tokens_per_second": baseline_tps}
-    (args.out / "finetune.json").write_text(json.dumps(payload, indent=2) + "\n")
-    print("\n".join(lines))
+    write_report(args.out, "finetune", lines, payload)
 
 
 if __name__ == "__main__":

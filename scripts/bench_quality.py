@@ -24,7 +24,7 @@ from mfakit.convert.convert import PLAIN, Method, convert
 from mfakit.convert.gguf import import_gguf, packaged_gguf
 from mfakit.data import TextSource
 from mfakit.eval.kv import kv_report
-from mfakit.eval.machine import machine_name
+from mfakit.eval.machine import machine_name, write_report
 from mfakit.eval.ppl import perplexity
 
 ABLATION = [
@@ -177,11 +177,7 @@ def write(out: Path, rows: list[dict], ablation: list[dict], args: argparse.Name
         for step in steps:
             cells = {a["kv_ratio"]: f"{a['ppl_ratio']:.2f}x" for a in ablation if a["step"] == step}
             lines.append(f"| {step} | {cells.get(0.25, '')} | {cells.get(0.125, '')} |")
-    (out / "quality.md").write_text("\n".join(lines) + "\n")
-    (out / "quality.json").write_text(
-        json.dumps({"rows": rows, "ablation": ablation, "machine": machine}, indent=2) + "\n"
-    )
-    print("\n".join(lines))
+    write_report(out, "quality", lines, {"rows": rows, "ablation": ablation, "machine": machine})
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from mfakit.convert.gguf import import_gguf, packaged_gguf
-from mfakit.eval.machine import machine_name, run_measured
+from mfakit.eval.machine import machine_name, run_measured, write_report
 
 
 def measured(*argv: str) -> tuple[float, float, str]:
@@ -97,11 +97,7 @@ def main() -> None:
             f"| {r['model']} | {r['layers']} | {r['hidden']} | {r['checkpoint_gb']:.2f} GB | {r['shards']} | "
             f"{r['calibration_tokens']:,} | {r['seconds']:.0f} s | {r['peak_rss_gb']:.2f} GB | {refit} |"
         )
-    (args.out / "scale.md").write_text("\n".join(lines) + "\n")
-    (args.out / "scale.json").write_text(
-        json.dumps({"machine": machine, "imports_peak_gb": imports_gb, "rows": rows}, indent=2)
-    )
-    print("\n".join(lines))
+    write_report(args.out, "scale", lines, {"machine": machine, "imports_peak_gb": imports_gb, "rows": rows})
 
 
 if __name__ == "__main__":

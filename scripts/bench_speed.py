@@ -12,7 +12,6 @@ plain method on 2,048 calibration tokens (fast). Writes speed.md and speed.json 
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from mfakit.convert.gguf import import_gguf, packaged_gguf
 from mfakit.data import TextSource, load_texts, tokenize
 from mfakit.eval.kv import cache_bytes_per_layer, cached_numbers_per_token
 from mfakit.eval.loading import load_model, load_tokenizer
-from mfakit.eval.machine import machine_name
+from mfakit.eval.machine import machine_name, write_report
 from mfakit.eval.ppl import perplexity
 
 
@@ -146,11 +145,7 @@ def main() -> None:
             f"{r['prefill_tokens_per_second']:,.0f} | {r['prefill_tokens_per_second'] / base['prefill_tokens_per_second']:.2f}x | "
             f"{r['decode_tokens_per_second']:,.1f} | {r['decode_tokens_per_second'] / base['decode_tokens_per_second']:.2f}x |"
         )
-    (args.out / "speed.md").write_text("\n".join(lines) + "\n")
-    (args.out / "speed.json").write_text(
-        json.dumps({"machine": machine, "evaluation": evaluation, "rows": rows}, indent=2)
-    )
-    print("\n".join(lines))
+    write_report(args.out, "speed", lines, {"machine": machine, "evaluation": evaluation, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
-"""What a benchmark ran on, named the way its tables report it."""
+"""What a benchmark ran on, named the way its tables report it, and how its report is written."""
 
 from __future__ import annotations
 
+import json
 import platform
 import re
 import subprocess
@@ -20,6 +21,13 @@ def cpu_name() -> str:
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
     return platform.processor() or platform.machine()
+
+
+def write_report(folder: Path, stem: str, lines: list[str], data: dict) -> None:
+    """A benchmark's table as STEM.md and its numbers as STEM.json in `folder`; the table is also printed."""
+    (folder / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    (folder / f"{stem}.json").write_text(json.dumps(data, indent=2) + "\n")
+    print("\n".join(lines))
 
 
 def machine_name(device: str = "cpu") -> str:
