@@ -476,9 +476,10 @@ def factor_query(layer: MFALayer, sigma: Tensor, rank: int) -> tuple[Tensor, Ten
     """
     h, C, d1 = layer.wq.shape
     k = key_energy(layer, sigma)
+    k_wide = k.to(layer.wq.dtype)
     m = sigma.new_zeros(d1, d1)  # W^T K W, head by head (a whole-W product would copy W)
     for head in layer.wq:
-        m += ((head.T * k.to(head.dtype)) @ head).to(m.dtype)
+        m += ((head.T * k_wide) @ head).to(m.dtype)
     root_sigma = _sym_sqrt(sigma)
     lam, vec = torch.linalg.eigh(root_sigma @ m @ root_sigma)
     order = lam.argsort(descending=True)
@@ -556,6 +557,13 @@ def _readout_error(stats: ReadoutStats, w: Tensor) -> float:
     return float(stats.energy - 2 * (w * stats.cross.T).sum() + (w @ stats.gram * w).sum())
 
 
+def _fixed_ridge(tokens: int, features: int, n_folds: int) -> float | None:
+    """The ridge when no validation is needed or possible (see `choose_ridge`), else None."""
+    if tokens >= PLENTY * features:
+        return STABLE_RIDGE
+    return RIDGES[-1] if n_folds < 2 else None
+
+
 def choose_ridge(folds: list[ReadoutStats], prior: Tensor) -> float:
     """The readout refit's ridge strength. With at least PLENTY tokens per feature the plain least-squares fit does
     not overfit, and a held-out choice only hurts: cross-validated layer error prefers strong shrinkage that costs
@@ -563,10 +571,9 @@ def choose_ridge(folds: list[ReadoutStats], prior: Tensor) -> float:
     tokens the unregularised fit overfits badly (2k tokens: 405x) and the ridge is chosen by leave-one-fold-out
     error; with a single fold there is nothing to validate on, and the refit stays close to the prior."""
     total = sum(folds[1:], start=folds[0])
-    if total.tokens >= PLENTY * total.gram.shape[0]:
-        return STABLE_RIDGE
-    if len(folds) < 2:
-        return RIDGES[-1]
+    fixed = _fixed_ridge(total.tokens, total.gram.shape[0], len(folds))
+    if fixed is not None:
+        return fixed
     errors = {}
     for ridge in RIDGES:
         errors[ridge] = 0.0
@@ -603,10 +610,9 @@ def choose_ridge_dual(samples: ReadoutSamples, prior: Tensor) -> float:
     U_h P^T + K_ht V diag(1 / (lam_i + lam)) V^T (Y_t - U_t P^T) for K_tt = V diag(lam_i) V^T)."""
     tokens, n = samples.u.shape
     folds = samples.fold.unique()
-    if tokens >= PLENTY * n:
-        return STABLE_RIDGE
-    if len(folds) < 2:
-        return RIDGES[-1]
+    fixed = _fixed_ridge(tokens, n, len(folds))
+    if fixed is not None:
+        return fixed
     kernel = samples.u @ samples.u.T
     base = samples.u @ prior.T
     energy = samples.u.pow(2).sum(1)
