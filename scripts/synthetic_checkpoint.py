@@ -17,10 +17,9 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig
 
-from mfakit.convert.io import ShardedWriter, atomic_folder
-from mfakit.data import train_bpe_tokenizer
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+from mfakit.checkpoint import ShardedWriter, atomic_folder
+from mfakit.loading import DTYPES
+from mfakit.texts import train_bpe_tokenizer
 
 
 def llama_config(layers: int, hidden: int, heads: int, kv_heads: int, vocab: int, dtype: str) -> LlamaConfig:
@@ -103,7 +102,7 @@ def main() -> None:
     parser.add_argument("--kv-heads", type=int, help="key/value heads (default: heads / 4)")
     parser.add_argument("--vocab", type=int, default=4096)
     parser.add_argument("--shards", type=int, default=8)
-    parser.add_argument("--dtype", choices=list(DTYPES), default="bfloat16")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args()

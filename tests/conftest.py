@@ -1,5 +1,6 @@
 """Tiny random checkpoints on disk, built from transformers config classes, with a small BPE tokenizer trained on
-the built-in corpus; and the real SmolLM2-135M-Instruct (imported from its GGUF) for slow tests."""
+the built-in corpus; the real SmolLM2-135M-Instruct (imported from its GGUF) for slow tests; and the helpers every
+test module shares (converting through the CLI, logits, greedy tokens, the one-line error check)."""
 
 from __future__ import annotations
 
@@ -11,10 +12,15 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, PreTrainedTokenizerFast, Qwen2Config
 
 import mfakit  # noqa: F401  (registers the MFA classes)
-from mfakit.data import builtin_texts, train_bpe_tokenizer
+from mfakit.cli import main
+from mfakit.texts import builtin_texts, train_bpe_tokenizer
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 VOCAB = 384
+# Calibration for tiny models: enough tokens for the output refit to need no cross-validated ridge (CALIB), or the
+# least that runs, where the test is about something else than conversion quality (QUICK_CALIB).
+CALIB = ("--calib-tokens", "2048", "--calib-seq-len", "128", "--quiet")
+QUICK_CALIB = ("--calib-tokens", "512", "--calib-seq-len", "128", "--quiet")
 
 TINY = {
     "llama-mha": (LlamaConfig, dict(num_attention_heads=4, num_key_value_heads=4)),
@@ -78,9 +84,9 @@ def tiny(tmp_path_factory, tokenizer):
 def trained_tiny(tiny, tmp_path_factory) -> Path:
     """The tiny GQA model after 60 steps of language-model training on the built-in text: unlike a random model it
     predicts text, so what a conversion loses shows in its output distribution."""
-    from mfakit.finetune import FinetuneConfig, finetune
+    from mfakit.finetune import FinetuneOptions, finetune
 
-    config = FinetuneConfig(
+    config = FinetuneOptions(
         steps=60,
         seq_len=64,
         batch_size=4,
@@ -109,3 +115,45 @@ def sample_ids(tokenizer, n: int = 64, batch: int = 2) -> torch.Tensor:
     text = "\n\n".join(builtin_texts("pydoc", "evaluation"))
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     return torch.tensor([ids[i * n : (i + 1) * n] for i in range(batch)])
+
+
+def convert_cli(src: Path, out: Path, variant: str, *budget: str, calib: tuple[str, ...] = CALIB, extra=()) -> Path:
+    """`mfakit convert SRC OUT --variant VARIANT BUDGET...` through the command line; it must succeed."""
+    assert main(["convert", str(src), str(out), "--variant", variant, *budget, *calib, *extra]) == 0
+    return out
+
+
+def load(path: Path) -> torch.nn.Module:
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def logits(model: torch.nn.Module | Path, ids: torch.Tensor) -> torch.Tensor:
+    """Logits of a model (or of the checkpoint at a path, loaded in float32) on token ids."""
+    model = load(model) if isinstance(model, Path) else model
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def greedy(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int = 16) -> torch.Tensor:
+    return model.generate(ids, max_new_tokens=new_tokens, do_sample=False, pad_token_id=1)
+
+
+def assert_generates_its_own_argmax(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int = 16) -> None:
+    """Greedy generation through the cache produces `new_tokens` tokens, each the argmax of one uncached forward
+    pass over everything before it: the cached decoding path agrees with the model's own logits."""
+    out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=1)
+    assert out.shape == (ids.shape[0], ids.shape[1] + new_tokens)
+    with torch.no_grad():
+        full = model(out[:, :-1]).logits
+    assert torch.equal(full[:, ids.shape[1] - 1 :].argmax(-1), out[:, ids.shape[1] :])
+
+
+def one_error_line(capsys, argv: list[str]) -> str:
+    """Run the CLI; it must exit 2 with exactly one error line, and that line last."""
+    capsys.readouterr()
+    code = main(argv)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    errors = [line for line in lines if line.startswith("mfakit: error: ")]
+    assert len(errors) == 1 and lines[-1] == errors[0], lines
+    return errors[0]

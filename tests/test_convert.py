@@ -13,25 +13,11 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, DynamicCache
 
-from mfakit.cli import main
-from mfakit.convert.io import LazyCheckpoint
-from tests.conftest import TINY, build_tiny, sample_ids
+from mfakit.checkpoint import LazyCheckpoint
+from tests.conftest import CALIB, TINY, build_tiny, convert_cli, logits, sample_ids
 
 KINDS = list(TINY)
 VARIANTS = ["mfa", "mfa-kr"]
-CALIB = ["--calib-tokens", "2048", "--calib-seq-len", "128", "--quiet"]
-
-
-def run_convert(src: Path, out: Path, variant: str, *budget: str, extra: tuple[str, ...] = ()) -> Path:
-    code = main(["convert", str(src), str(out), "--variant", variant, *budget, *CALIB, *extra])
-    assert code == 0
-    return out
-
-
-def logits(path: Path, ids: torch.Tensor) -> torch.Tensor:
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    with torch.no_grad():
-        return model(ids).logits
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +29,7 @@ def converted(tiny, tmp_path_factory):
         key = (kind, variant, budget)
         if key not in cache:
             out = tmp_path_factory.mktemp("out") / f"{kind}-{variant}"
-            cache[key] = run_convert(tiny(kind), out, variant, *budget)
+            cache[key] = convert_cli(tiny(kind), out, variant, *budget)
         return cache[key]
 
     return get
@@ -109,7 +95,7 @@ def test_non_attention_tensors_pass_through_bit_identical(converted, tiny):
 def test_sharded_input_and_config_record(tmp_path, tokenizer):
     src = build_tiny("llama-gqa", tmp_path / "src", tokenizer, seed=3, max_shard_size="100KB")
     assert (src / "model.safetensors.index.json").exists()
-    out = run_convert(src, tmp_path / "out", "mfa-kr", "--kv-ratio", "1.0")
+    out = convert_cli(src, tmp_path / "out", "mfa-kr", "--kv-ratio", "1.0")
     ids = sample_ids(tokenizer, n=32)
     assert (logits(out, ids) - logits(src, ids)).abs().max().item() <= 1e-4
     config = json.loads((out / "config.json").read_text())
@@ -134,19 +120,18 @@ def config_rope(src: Path) -> list[float]:
 
 
 def test_output_is_sharded_when_large(tiny, tmp_path):
-    from mfakit.convert.convert import convert
+    from mfakit.convert import ConvertOptions, convert
 
     out = tmp_path / "out"
-    convert(
-        tiny("llama-gqa"),
-        out,
+    options = ConvertOptions(
         variant="mfa",
         kv_ratio=0.5,
-        calib_tokens=512,
-        calib_seq_len=128,
-        max_shard_bytes=200_000,
+        calibration_tokens=512,
+        calibration_seq_len=128,
+        max_shard_mb=200_000 / 1024**2,
         progress=False,
     )
+    convert(tiny("llama-gqa"), out, options)
     index = json.loads((out / "model.safetensors.index.json").read_text())
     shards = set(index["weight_map"].values())
     assert len(shards) > 1
@@ -160,11 +145,11 @@ def test_shared_query_factorization(tiny, tokenizer, tmp_path, variant):
     src = tiny("llama-gqa")
     ids = sample_ids(tokenizer, n=48)
     ref = logits(src, ids)
-    full = run_convert(src, tmp_path / "full", variant, "--kv-ratio", "1.0", extra=("--share-q-dim", "65"))
+    full = convert_cli(src, tmp_path / "full", variant, "--kv-ratio", "1.0", extra=("--share-q-dim", "65"))
     assert (logits(full, ids) - ref).abs().max().item() <= 1e-4
     errors = []
     for rank in ("8", "24", "48"):
-        out = run_convert(src, tmp_path / rank, variant, "--kv-ratio", "1.0", extra=("--share-q-dim", rank))
+        out = convert_cli(src, tmp_path / rank, variant, "--kv-ratio", "1.0", extra=("--share-q-dim", rank))
         errors.append((logits(out, ids) - ref).pow(2).mean().item())
     assert errors[0] > errors[1] > errors[2] > 0
     names = LazyCheckpoint(tmp_path / "8").names()

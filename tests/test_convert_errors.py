@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -11,19 +12,9 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, BloomConfig, FalconConfig
 
 from mfakit.cli import main
-
-CALIB = ["--calib-tokens", "512", "--calib-seq-len", "128", "--quiet"]
-
-
-def one_error_line(capsys, argv: list[str]) -> str:
-    """Run the CLI; it must exit 2 with exactly one error line, and that line last."""
-    capsys.readouterr()
-    code = main(argv)
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert code == 2
-    errors = [line for line in lines if line.startswith("mfakit: error: ")]
-    assert len(errors) == 1 and lines[-1] == errors[0], lines
-    return errors[0]
+from mfakit.convert import ConvertOptions
+from tests.conftest import QUICK_CALIB as CALIB
+from tests.conftest import one_error_line
 
 
 def convert_error(capsys, src: Path, out: Path, *args: str) -> str:
@@ -127,9 +118,11 @@ def test_existing_output_needs_overwrite(capsys, tmp_path, tiny):
 def test_interrupted_conversion_resumes_to_the_same_bytes(tmp_path, tiny, monkeypatch, capsys):
     """Interrupted during layer 1: no output folder, only the hidden partial one (no config.json). Resuming gives
     the files of an uninterrupted run byte for byte; other settings refuse to resume."""
-    from mfakit.convert import convert as convert_module
+    from mfakit.checkpoint import partial_folder
+    from mfakit.convert import convert
+    from mfakit.convert import recipe as recipe_module
 
-    real = convert_module.convert_layer
+    real = recipe_module.convert_layer
     calls = []
 
     def interrupt(*args, **kwargs):
@@ -138,19 +131,21 @@ def test_interrupted_conversion_resumes_to_the_same_bytes(tmp_path, tiny, monkey
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    kwargs = dict(variant="mfa", kv_ratio=0.5, calib_tokens=256, calib_seq_len=128, progress=False)
+    options = ConvertOptions(
+        variant="mfa", kv_ratio=0.5, calibration_tokens=256, calibration_seq_len=128, progress=False
+    )
     out, reference = tmp_path / "out", tmp_path / "reference"
-    convert_module.convert(tiny("llama-gqa"), reference, **kwargs)
-    monkeypatch.setattr(convert_module, "convert_layer", interrupt)
+    convert(tiny("llama-gqa"), reference, options)
+    monkeypatch.setattr(recipe_module, "convert_layer", interrupt)
     with pytest.raises(KeyboardInterrupt):
-        convert_module.convert(tiny("llama-gqa"), out, **kwargs)
-    monkeypatch.setattr(convert_module, "convert_layer", real)
-    partial = convert_module.partial_folder(out)
+        convert(tiny("llama-gqa"), out, options)
+    monkeypatch.setattr(recipe_module, "convert_layer", real)
+    partial = partial_folder(out)
     assert not out.exists() and partial.is_dir() and not (partial / "config.json").exists()
     calib = ["--calib-tokens", "256", "--calib-seq-len", "128"]
     argv = ["convert", str(tiny("llama-gqa")), str(out), "--variant", "mfa", "--kv-ratio", "0.25", *calib, "--resume"]
     assert "other settings (kv_ratio)" in one_error_line(capsys, argv)
-    convert_module.convert(tiny("llama-gqa"), out, resume=True, **kwargs)
+    convert(tiny("llama-gqa"), out, replace(options, resume=True))
     assert not partial.exists()
     files = sorted(p.name for p in reference.iterdir())
     assert sorted(p.name for p in out.iterdir()) == files
@@ -158,12 +153,15 @@ def test_interrupted_conversion_resumes_to_the_same_bytes(tmp_path, tiny, monkey
 
 
 def test_source_dtype_kept(tmp_path, tiny):
-    from mfakit.convert.convert import convert
+    from mfakit.convert import convert
 
     src = tmp_path / "bf16"
     AutoModelForCausalLM.from_pretrained(tiny("qwen2"), dtype=torch.bfloat16).save_pretrained(src)
     shutil.copy(tiny("qwen2") / "tokenizer.json", src)
     shutil.copy(tiny("qwen2") / "tokenizer_config.json", src)
-    convert(src, tmp_path / "out", variant="mfa-kr", kv_ratio=0.5, calib_tokens=256, calib_seq_len=128, progress=False)
+    options = ConvertOptions(
+        variant="mfa-kr", kv_ratio=0.5, calibration_tokens=256, calibration_seq_len=128, progress=False
+    )
+    convert(src, tmp_path / "out", options)
     out = load_file(tmp_path / "out" / "model.safetensors")
     assert {t.dtype for t in out.values()} == {torch.bfloat16}

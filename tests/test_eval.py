@@ -12,11 +12,9 @@ from torch.nn import functional as F
 from transformers import AutoModelForCausalLM
 
 from mfakit.cli import main
-from mfakit.eval.ppl import stream_nll, windows
-from tests.conftest import sample_ids
-from tests.test_convert_errors import one_error_line
-
-CALIB = ["--calib-tokens", "1024", "--calib-seq-len", "128", "--quiet"]
+from mfakit.scoring import stream_nll, windows
+from tests.conftest import QUICK_CALIB as CALIB
+from tests.conftest import one_error_line, sample_ids
 
 
 @pytest.mark.parametrize(
@@ -94,6 +92,7 @@ def test_eval_kv_baseline_ratio(capsys, tiny, tmp_path):
 
 
 def test_eval_compare_writes_table_and_plot(capsys, tiny, tmp_path):
+    pytest.importorskip("matplotlib")
     src = tiny("llama-gqa")
     models = []
     for variant in ("mfa", "mfa-kr"):

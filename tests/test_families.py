@@ -26,12 +26,19 @@ from transformers import (
     Qwen3Config,
 )
 
-from mfakit.cli import main
-from mfakit.convert.adapters import find_layout, head_shape
-from mfakit.convert.calibration import meta_skeleton
 from mfakit.convert.factorize import fold_qk_norm
-from tests.conftest import VOCAB, sample_ids
-from tests.test_convert_errors import one_error_line
+from mfakit.families import find_layout, head_shape, meta_skeleton
+from tests.conftest import (
+    CALIB,
+    VOCAB,
+    assert_generates_its_own_argmax,
+    convert_cli,
+    greedy,
+    load,
+    logits,
+    one_error_line,
+    sample_ids,
+)
 
 COMMON = dict(vocab_size=VOCAB, num_hidden_layers=2, eos_token_id=1, pad_token_id=1, bos_token_id=None)
 LLAMA_LIKE = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, max_position_embeddings=256)
@@ -79,7 +86,6 @@ QK_NORM = {
     "qwen3": (Qwen3Config, dict(**LLAMA_LIKE, num_key_value_heads=2, head_dim=16)),
     "olmo2": (Olmo2Config, dict(**LLAMA_LIKE, num_key_value_heads=2)),
 }
-CALIB = ["--calib-tokens", "2048", "--calib-seq-len", "128", "--quiet"]
 PEAKED = ("q_proj.weight", "k_proj.weight", "c_attn.weight", "query_key_value.weight", "qkv_proj.weight")
 
 
@@ -111,21 +117,7 @@ def family(tokenizer, tmp_path_factory):
 
 
 def convert(src: Path, out: Path, variant: str, ratio: str, *extra: str) -> Path:
-    assert main(["convert", str(src), str(out), "--variant", variant, "--kv-ratio", ratio, *CALIB, *extra]) == 0
-    return out
-
-
-def load(path: Path):
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-
-
-def logits(model, ids: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return model(ids).logits
-
-
-def greedy(model, ids: torch.Tensor) -> torch.Tensor:
-    return model.generate(ids, max_new_tokens=16, do_sample=False, pad_token_id=1)
+    return convert_cli(src, out, variant, "--kv-ratio", ratio, calib=CALIB, extra=extra)
 
 
 def mean_pool_kv_heads(source_path: Path) -> torch.nn.Module | None:
@@ -190,7 +182,7 @@ def test_half_budget_below_mean_pooling(family, tokenizer, tmp_path, kind):
         assert 0 < error < float("inf"), variant
         if baseline is not None:
             assert error < baseline, (variant, error, baseline)
-        assert greedy(model, ids[:, :8]).shape == (2, 24)
+        assert_generates_its_own_argmax(model, ids[:, :8])
 
 
 @pytest.mark.parametrize("kind", list(QK_NORM))
@@ -210,9 +202,8 @@ def test_qk_norm_approximation_is_close_and_generates(family, tokenizer, tmp_pat
     ref = logits(load(src), ids)
     model = load(convert(src, tmp_path / "kr", "mfa-kr", "1.0", "--approximate-qk-norm"))
     relative = ((logits(model, ids) - ref).pow(2).mean() / ref.var()).item()
-    print(f"{kind}: relative logit error {relative:.4f}")
     assert 0 < relative < 0.25, relative
-    assert greedy(model, ids[:, :8]).shape == (2, 24)
+    assert_generates_its_own_argmax(model, ids[:, :8])
     assert model.config.conversion["approximate_qk_norm"] is True
 
 
@@ -255,11 +246,11 @@ def test_fold_qk_norm_gain_is_least_squares_and_scale_free(norm_width):
 def test_kv_report_measured_equals_formula(family, tmp_path, kind):
     """Source and converted caches, measured on a real forward pass, equal the formula (Falcon's single key/value
     head, Gemma-2's sliding-window layers), and the half-budget conversion caches half of the source."""
-    from mfakit.eval.kv import kv_report
+    from mfakit.eval import kv_report
 
     src = family(kind)
-    source = kv_report(src, context=40)
-    converted = kv_report(convert(src, tmp_path / "kr", "mfa-kr", "0.5"), context=40)
+    source = kv_report(load(src), context=40)
+    converted = kv_report(load(convert(src, tmp_path / "kr", "mfa-kr", "0.5")), context=40)
     for report in (source, converted):
         assert report.measured_bytes_per_token == pytest.approx(report.formula_bytes_per_token)
     assert converted.measured_bytes_per_token == pytest.approx(source.measured_bytes_per_token / 2)

@@ -16,15 +16,14 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from mfakit.cli import main
-from mfakit.convert.convert import PLAIN, convert
-from mfakit.finetune import FinetuneConfig, finetune
+from mfakit.convert import PLAIN_METHOD, ConvertOptions, convert
+from mfakit.finetune import FinetuneOptions, finetune
 from mfakit.finetune import train as train_module
-from mfakit.finetune.data import sequence_indices
+from mfakit.finetune.dataset import sequence_indices
 from mfakit.finetune.train import kd_loss, lr_factor
-from tests.conftest import sample_ids
-from tests.test_convert_errors import one_error_line
+from tests.conftest import one_error_line, sample_ids
 
-FAST = FinetuneConfig(
+FAST = FinetuneOptions(
     steps=6, seq_len=64, batch_size=4, lr=3e-3, warmup=1, eval_tokens=512, progress=False, data=["builtin:pydoc"]
 )
 
@@ -38,7 +37,10 @@ def teacher(trained_tiny) -> Path:
 def student(teacher, tmp_path_factory) -> Path:
     """The teacher converted to MFA-KR at an eighth of its cache by the plain method (far from its source)."""
     out = tmp_path_factory.mktemp("student") / "kr"
-    convert(teacher, out, variant="mfa-kr", kv_ratio=0.125, method=PLAIN, calib_tokens=2048, calib_seq_len=128)
+    options = ConvertOptions(
+        variant="mfa-kr", kv_ratio=0.125, method=PLAIN_METHOD, calibration_tokens=2048, calibration_seq_len=128
+    )
+    convert(teacher, out, options)
     return out
 
 

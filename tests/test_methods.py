@@ -11,19 +11,19 @@ import pytest
 import torch
 
 from mfakit.cli import main
-from mfakit.convert import convert as convert_module
 from mfakit.convert import factorize as fz
-from tests.conftest import sample_ids
-from tests.test_convert import CALIB, logits
+from mfakit.convert import readout as ro
+from mfakit.convert import recipe as recipe_module
+from tests.conftest import CALIB, logits, sample_ids
 
 
 def random_stats(
     tokens: int, n: int, d: int, noise: float, gen: torch.Generator
-) -> tuple[fz.ReadoutStats, torch.Tensor]:
+) -> tuple[ro.ReadoutStats, torch.Tensor]:
     u = torch.randn(tokens, n, generator=gen, dtype=torch.float64)
     truth = torch.randn(d, n, generator=gen, dtype=torch.float64)
     y = u @ truth.T + noise * torch.randn(tokens, d, generator=gen, dtype=torch.float64)
-    return fz.ReadoutStats(u.T @ u, u.T @ y, float(y.pow(2).sum()), tokens), truth
+    return ro.ReadoutStats(u.T @ u, u.T @ y, float(y.pow(2).sum()), tokens), truth
 
 
 def layer_with_readout(wo: torch.Tensor, heads: int) -> fz.MFALayer:
@@ -45,28 +45,29 @@ def test_readout_refit_never_raises_the_calibration_error(tokens):
     gen = torch.Generator().manual_seed(tokens)
     folds = [random_stats(tokens // 4, 16, 8, 0.5, gen)[0] for _ in range(4)]
     prior = torch.randn(8, 16, generator=gen, dtype=torch.float64)
-    refit, ridge = fz.readout_refit(layer_with_readout(prior, heads=2), folds)
+    refit, ridge = ro.refit_from_statistics(layer_with_readout(prior, heads=2), folds)
     total = sum(folds[1:], start=folds[0])
-    assert ridge in fz.RIDGES
-    assert fz._readout_error(total, refit.wo.reshape(8, 16)) <= fz._readout_error(total, prior)
+    assert ridge in ro.RIDGES
+    assert ro._readout_error(total, refit.wo.reshape(8, 16)) <= ro._readout_error(total, prior)
 
 
 def test_ridge_is_chosen_only_when_tokens_are_scarce():
     gen = torch.Generator().manual_seed(0)
     n = 32
-    plenty = [random_stats(fz.PLENTY * n, n, 8, 1.0, gen)[0] for _ in range(2)]
+    plenty = [random_stats(ro.TOKENS_PER_FEATURE_UNREGULARISED * n, n, 8, 1.0, gen)[0] for _ in range(2)]
     prior = torch.zeros(8, n, dtype=torch.float64)
-    assert fz.choose_ridge(plenty, prior) == fz.STABLE_RIDGE
+    assert ro.choose_ridge(plenty, prior) == ro.STABLE_RIDGE
     # Scarce, noisy data around a prior that is the truth: validation must ask for shrinkage.
     scarce, truth = [], None
+    noise = torch.Generator().manual_seed(2)
     for _ in range(4):
         gen = torch.Generator().manual_seed(1)
-        u = torch.randn(12, n, dtype=torch.float64)
+        u = torch.randn(12, n, generator=noise, dtype=torch.float64)
         truth = torch.randn(8, n, generator=gen, dtype=torch.float64)
-        y = u @ truth.T + 3.0 * torch.randn(12, 8, dtype=torch.float64)
-        scarce.append(fz.ReadoutStats(u.T @ u, u.T @ y, float(y.pow(2).sum()), 12))
-    assert fz.choose_ridge(scarce, truth) > 1e-3
-    assert fz.choose_ridge(scarce[:1], truth) == fz.RIDGES[-1]
+        y = u @ truth.T + 3.0 * torch.randn(12, 8, generator=noise, dtype=torch.float64)
+        scarce.append(ro.ReadoutStats(u.T @ u, u.T @ y, float(y.pow(2).sum()), 12))
+    assert ro.choose_ridge(scarce, truth) > 1e-3
+    assert ro.choose_ridge(scarce[:1], truth) == ro.RIDGES[-1]
 
 
 def samples_and_stats(tokens: int, n: int, folds: int, gen: torch.Generator):
@@ -75,14 +76,14 @@ def samples_and_stats(tokens: int, n: int, folds: int, gen: torch.Generator):
     y = u @ torch.randn(n, 8, generator=gen, dtype=torch.float64) + 3.0 * torch.randn(tokens, 8, generator=gen)
     fold = torch.arange(tokens) % folds
     stats = [
-        fz.ReadoutStats(
+        ro.ReadoutStats(
             u[fold == k].T @ u[fold == k], u[fold == k].T @ y[fold == k], float(y[fold == k].pow(2).sum()), 0
         )
         for k in range(folds)
     ]
     for k, st in enumerate(stats):
         st.tokens = int((fold == k).sum())
-    return fz.ReadoutSamples(u, y, fold), stats
+    return ro.ReadoutSamples(u, y, fold), stats
 
 
 @pytest.mark.parametrize(("tokens", "n"), [(24, 40), (60, 12), (400, 12)])
@@ -93,8 +94,8 @@ def test_refit_from_samples_equals_refit_from_statistics(tokens, n):
     samples, stats = samples_and_stats(tokens, n, 4, gen)
     prior = torch.randn(8, n, generator=gen, dtype=torch.float64)
     layer = layer_with_readout(prior.float(), heads=2)
-    from_samples, ridge = fz.readout_refit(layer, samples)
-    from_stats, expected = fz.readout_refit(layer, stats)
+    from_samples, ridge = ro.refit_from_samples(layer, samples)
+    from_stats, expected = ro.refit_from_statistics(layer, stats)
     assert ridge == expected
     assert torch.allclose(from_samples.wo, from_stats.wo, rtol=1e-5, atol=1e-6)
     assert not torch.allclose(from_samples.wo, layer.wo)
@@ -236,7 +237,7 @@ def test_refit_falls_back_to_samples_when_statistics_do_not_fit(tiny, tokenizer,
     common = ["--variant", "mfa-kr", "--kv-ratio", "0.5", *CALIB]
     assert main(["convert", str(src), str(tmp_path / "stats"), *common]) == 0
     assert main(["convert", str(src), str(tmp_path / "none"), *common, "--no-refit"]) == 0
-    monkeypatch.setattr(convert_module, "refit_memory", lambda *args: {"statistics": 10**15, "samples": 0})
+    monkeypatch.setattr(recipe_module, "refit_memory", lambda *args: {"statistics": 10**15, "samples": 0})
     assert main(["convert", str(src), str(tmp_path / "samples"), *common]) == 0
     err = capsys.readouterr().err
     assert "output refit from the" in err and "output refit skipped" not in err

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from mfakit.eval.machine import run_measured
+from scripts.benchlib import run_measured
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPE = ["--hidden", "1024", "--heads", "8", "--kv-heads", "2", "--vocab", "1024", "--dtype", "float32"]

@@ -1,27 +1,31 @@
-"""Calibration: run text through the source model one decoder layer at a time and gather, per layer, the second
-moment of the attention input. Only one decoder layer's weights and the calibration hidden states are in memory."""
+"""Calibration: run text through the model one decoder layer at a time and record, per layer, what the conversion
+needs (the attention's input and output, the second moment of the input, the readout refit's data). Only one
+decoder layer's weights and the calibration hidden states are in memory.
+
+Loading goes through transformers' own loader (`convert_and_load_state_dict_in_model` with the family's
+conversion mapping), so fused MoE experts and legacy names load exactly as `from_pretrained` loads them. These are
+transformers internals, not public API: the `<6` pin in pyproject.toml covers them, and they are the first thing
+to check when a new transformers release breaks conversion."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers import PreTrainedModel
 from transformers.conversion_mapping import get_model_conversion_mapping
 from transformers.core_model_loading import convert_and_load_state_dict_in_model
 from transformers.modeling_utils import LoadStateDictConfig
 from transformers.utils import logging as hf_logging
 
-from mfakit.convert.io import CheckpointError, LazyCheckpoint
+from mfakit.checkpoint import CheckpointError, LazyCheckpoint
+from mfakit.convert.readout import ReadoutSamples, ReadoutStats
+from mfakit.texts import fingerprint, load_texts, parse_text_spec, spread_windows, tokenize
 
-
-def meta_skeleton(config) -> nn.Module:
-    """The source causal LM with every tensor on the meta device: structure and classes, no memory. In eval mode:
-    calibration must not see dropout (GPT-2 and OPT configs default to 0.1)."""
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config).eval()
+CALIBRATION_BATCH = 8  # sequences per forward pass
 
 
 def _rebuild_meta_buffers(module: nn.Module, init: Callable[[nn.Module], None]) -> None:
@@ -88,16 +92,23 @@ def load_module(
     return module
 
 
-def free_outside_layers(skeleton: nn.Module, layers_path: str) -> None:
-    """Return every tensor outside the decoder layers to the meta device."""
+@contextmanager
+def layers_swapped(skeleton: nn.Module, layers_path: str, stand_ins: nn.ModuleList) -> Iterator[None]:
+    """The skeleton with `stand_ins` in place of its decoder-layer list for the duration of the block."""
     base_path, name = layers_path.rsplit(".", 1)
     base = skeleton.get_submodule(base_path)
     layers = getattr(base, name)
-    setattr(base, name, nn.ModuleList())
+    setattr(base, name, stand_ins)
     try:
-        skeleton.to("meta")
+        yield
     finally:
         setattr(base, name, layers)
+
+
+def free_outside_layers(skeleton: nn.Module, layers_path: str) -> None:
+    """Return every tensor outside the decoder layers to the meta device."""
+    with layers_swapped(skeleton, layers_path, nn.ModuleList()):
+        skeleton.to("meta")
 
 
 class _Recorder(nn.Module):
@@ -124,7 +135,7 @@ class LayerInputs:
     layer_args: list[list[tuple[tuple, dict]]] = field(default_factory=list)
 
 
-def embed(
+def record_layer_inputs(
     skeleton: nn.Module,
     layers_path: str,
     ckpt: LazyCheckpoint,
@@ -136,24 +147,18 @@ def embed(
     """Run the model's own forward with recorders in place of its decoder layers: what enters layer 0 (embeddings,
     learned positions, scaling) and the per-layer arguments come out exactly as the family computes them."""
     base_path = layers_path.rsplit(".", 1)[0]
-    base = skeleton.get_submodule(base_path)
-    layers_name = layers_path.rsplit(".", 1)[1]
-    real_layers = getattr(base, layers_name)
+    real_layers = skeleton.get_submodule(layers_path)
     stores: list[list] = [[] for _ in real_layers]
-    setattr(
-        base,
-        layers_name,
-        nn.ModuleList(
-            _Recorder(layer, store, layer_returns_tuple) for layer, store in zip(real_layers, stores, strict=True)
-        ),
+    recorders = nn.ModuleList(
+        _Recorder(layer, store, layer_returns_tuple) for layer, store in zip(real_layers, stores, strict=True)
     )
     try:
-        load_module(skeleton, base_path, ckpt, exclude=(f"{layers_path}.",)).to(device=device, dtype=dtype)
-        with torch.no_grad():
-            for ids in batches:
-                base(input_ids=ids.to(device), use_cache=False)
+        with layers_swapped(skeleton, layers_path, recorders):
+            base = load_module(skeleton, base_path, ckpt, exclude=(f"{layers_path}.",)).to(device=device, dtype=dtype)
+            with torch.no_grad():
+                for ids in batches:
+                    base(input_ids=ids.to(device), use_cache=False)
     finally:
-        setattr(base, layers_name, real_layers)
         free_outside_layers(skeleton, layers_path)  # the embeddings: the layers come next
     hidden = [h for h, _, _ in stores[0]]
     return LayerInputs(hidden=hidden, layer_args=[[(a, k) for _, a, k in store] for store in stores])
@@ -242,3 +247,76 @@ def second_moment(batches: list[torch.Tensor]) -> torch.Tensor:
     for x in batches:
         moment.update(x)
     return moment.value()
+
+
+@dataclass
+class Streams:
+    """The calibration hidden states entering the next decoder layer: as the source model computes them, and as the
+    model converted so far computes them (None while no converted layer has changed them: the same tensors)."""
+
+    source: list[torch.Tensor]
+    converted: list[torch.Tensor] | None = None
+
+    @property
+    def converted_or_source(self) -> list[torch.Tensor]:
+        return self.source if self.converted is None else self.converted
+
+
+def calibration_batches(tokenizer, spec: str, tokens: int, seq_len: int) -> tuple[list[torch.Tensor], str]:
+    """The calibration text as batches of token windows (about `tokens` tokens in windows of `seq_len`, spread
+    evenly over the text), and a description of the text with its checksum."""
+    source = parse_text_spec(spec)
+    texts = load_texts(source, part="calibration")
+    windows = spread_windows(tokenize(tokenizer, texts), seq_len, max(1, tokens // seq_len))
+    return list(windows.split(CALIBRATION_BATCH)), f"{source} [{fingerprint(texts)}]"
+
+
+def _readout_pairs(
+    module: nn.Module, x: list[torch.Tensor], y: list[torch.Tensor], layer_args: list, bias: torch.Tensor | None
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Per calibration sequence: the converted attention's output-projection input u (tokens, n) on its inputs x,
+    and the source attention's output y (tokens, d) less its bias, both float64 on the CPU."""
+    n = module.o_proj.in_features
+    features: list[torch.Tensor] = []
+    handle = module.o_proj.register_forward_pre_hook(lambda _m, args: features.append(args[0]))
+    try:
+        with torch.no_grad():
+            for xb, yb, (_, kwargs) in zip(x, y, layer_args, strict=True):
+                features.clear()
+                module(xb, attention_mask=kwargs.get("attention_mask"), position_ids=kwargs.get("position_ids"))
+                for u, target in zip(features[0], yb, strict=True):
+                    target = target.reshape(-1, target.shape[-1]).to(torch.float64).cpu()
+                    yield u.reshape(-1, n).to(torch.float64).cpu(), target if bias is None else target - bias
+    finally:
+        handle.remove()
+
+
+def readout_statistics(
+    module: nn.Module, x: list[torch.Tensor], y: list[torch.Tensor], layer_args: list, bias, folds: int
+) -> list[ReadoutStats]:
+    """The readout refit's statistics in `folds` folds (calibration sequences dealt round-robin); empty folds are
+    left out."""
+    n, d = module.o_proj.in_features, module.o_proj.out_features
+    stats = [
+        ReadoutStats(torch.zeros(n, n, dtype=torch.float64), torch.zeros(n, d, dtype=torch.float64), 0.0, 0)
+        for _ in range(folds)
+    ]
+    for row, (u, target) in enumerate(_readout_pairs(module, x, y, layer_args, bias)):
+        fold = stats[row % folds]
+        fold.gram.addmm_(u.T, u)
+        fold.cross.addmm_(u.T, target)
+        fold.energy += float(target.pow(2).sum())
+        fold.tokens += u.shape[0]
+    return [s for s in stats if s.energy > 0]
+
+
+def readout_samples(
+    module: nn.Module, x: list[torch.Tensor], y: list[torch.Tensor], layer_args: list, bias, folds: int
+) -> ReadoutSamples:
+    """The readout refit's calibration samples themselves, each token labelled with its sequence's fold."""
+    us, targets, labels = [], [], []
+    for row, (u, target) in enumerate(_readout_pairs(module, x, y, layer_args, bias)):
+        us.append(u)
+        targets.append(target)
+        labels.append(torch.full((u.shape[0],), row % folds))
+    return ReadoutSamples(torch.cat(us), torch.cat(targets), torch.cat(labels))

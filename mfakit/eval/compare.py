@@ -5,14 +5,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from mfakit.data import TextSource
+from mfakit.checkpoint import check_checkpoint_folder
 from mfakit.eval.kv import kv_report
-from mfakit.eval.ppl import perplexity
+from mfakit.eval.ppl import evaluation_ids, perplexity
+from mfakit.loading import load_model, load_tokenizer
+from mfakit.texts import TextSource
 
 
 def compare(
-    source: str,
-    models: list[str],
+    source: str | Path,
+    models: list[str | Path],
     text: list[TextSource],
     *,
     seq_len: int = 1024,
@@ -23,20 +25,17 @@ def compare(
     device: str = "cpu",
     dtype: str = "float32",
 ) -> list[dict]:
-    """A row per model (the source first): perplexity, its ratio to the source's, and measured KV bytes per token."""
+    """A row per model (the source first): perplexity, its ratio to the source's, and measured KV bytes per token.
+    Every path is checked before the first model is evaluated; each model is loaded once."""
+    paths = [source, *models]
+    for path in paths:
+        check_checkpoint_folder(path)
     rows = []
-    for path in [source, *models]:
-        ppl = perplexity(
-            path,
-            text,
-            seq_len=seq_len,
-            stride=stride,
-            max_tokens=max_tokens,
-            batch_size=batch_size,
-            device=device,
-            dtype=dtype,
-        )
-        kv = kv_report(path, context=context, batch=1, device=device, dtype=dtype)
+    for path in paths:
+        model = load_model(path, device, dtype)
+        ids, description = evaluation_ids(load_tokenizer(path), text, max_tokens)
+        ppl = perplexity(model, ids, seq_len=seq_len, stride=stride, batch_size=batch_size)
+        kv = kv_report(model, context=context, batch=1)
         rows.append(
             {
                 "model": str(path),
@@ -46,9 +45,10 @@ def compare(
                 "kv_bytes_per_token": kv.measured_bytes_per_token,
                 "kv_formula_bytes_per_token": kv.formula_bytes_per_token,
                 "eval_seconds": ppl.seconds,
-                "text": ppl.text,
+                "text": description,
             }
         )
+        del model
     for row in rows:
         row["ppl_ratio"] = row["ppl"] / rows[0]["ppl"]
         row["kv_ratio"] = row["kv_bytes_per_token"] / rows[0]["kv_bytes_per_token"]

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 from transformers.cache_utils import get_layer_types_and_kwargs
 
-from mfakit.convert.adapters import UnsupportedModelError, find_layout, head_shape
-from mfakit.convert.calibration import meta_skeleton
-from mfakit.eval.loading import load_model
+from mfakit.errors import OptionsError
+from mfakit.families import UnsupportedModelError, find_layout, head_shape, meta_skeleton
 
 
 @dataclass
@@ -41,9 +39,7 @@ def cached_numbers_per_token(config) -> tuple[str, list[int], list[int | None]]:
     _, layer_kwargs = get_layer_types_and_kwargs(text)
     windows = [kw.get("sliding_window") for kw in layer_kwargs]
     if getattr(config, "model_type", None) == "mfa":
-        kr = config.variant == "mfa-kr"
-        numbers = [s["kv_dim"] + (0 if kr else s["v_dim"]) for s in config.mfa_layers]
-        return config.variant, numbers, windows
+        return config.variant, config.cached_numbers_per_layer(), windows
     return "source", [2 * source_kv_width(text)] * n_layers, windows
 
 
@@ -87,12 +83,11 @@ def measure_kv(model, context: int, batch: int) -> list[int]:
     return cache_bytes_per_layer(cache)
 
 
-def kv_report(
-    model_path: str | Path, context: int = 256, batch: int = 1, device: str = "cpu", dtype: str = "float32"
-) -> KVReport:
+def kv_report(model: torch.nn.Module, context: int = 256, batch: int = 1, name: str = "") -> KVReport:
+    """Cache bytes of a loaded model after a real forward pass of `batch` x `context` tokens, per layer and in
+    total, beside the formula (sliding-window layers keep at most their window); `name` labels the report."""
     if context < 1 or batch < 1:
-        raise ValueError("context and batch must be positive")
-    model = load_model(model_path, device, dtype)
+        raise OptionsError("context and batch must be positive")
     kind, numbers, windows = cached_numbers_per_token(model.config)
     element = next(model.parameters()).element_size()
     measured = measure_kv(model, context, batch)
@@ -101,11 +96,11 @@ def kv_report(
         n * element * min(context, (w - 1) if w else context) / context for n, w in zip(numbers, windows, strict=True)
     ]
     return KVReport(
-        model=str(model_path),
+        model=name,
         kind=kind,
         context=context,
         batch=batch,
-        dtype=dtype,
+        dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
         measured_bytes=sum(measured),
         measured_bytes_per_token=sum(measured) / tokens,
         measured_bytes_per_token_per_layer=[m / tokens for m in measured],

@@ -1,17 +1,15 @@
-"""Sliding-window perplexity of a causal LM on a token stream."""
+"""Sliding-window perplexity of a causal LM (a model object) on a token stream."""
 
 from __future__ import annotations
 
 import math
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
-from torch.nn import functional as F
 
-from mfakit.data import TextSource, TextSourceError, fingerprint, load_texts, tokenize
-from mfakit.eval.loading import load_model, load_tokenizer
+from mfakit.scoring import stream_nll
+from mfakit.texts import TextSource, fingerprint, load_texts, tokenize
 
 
 @dataclass
@@ -30,81 +28,34 @@ class PerplexityResult:
         return asdict(self)
 
 
-def windows(n_tokens: int, seq_len: int, stride: int) -> list[tuple[int, int, int]]:
-    """(begin, end, first_scored) of every window: window [begin, end) scores the tokens at first_scored..end-1,
-    the ones no earlier window scored. Token 0 has no context and is never scored; with stride = seq_len the windows
-    do not overlap and each scores its tokens after the first."""
-    if not 0 < stride <= seq_len:
-        raise ValueError(f"stride must be in 1..seq_len ({seq_len}), got {stride}")
-    if n_tokens < seq_len:
-        raise TextSourceError(f"the text has {n_tokens} tokens, fewer than one window of {seq_len}")
-    out = []
-    scored_to = 1
-    begin = 0
-    while scored_to < n_tokens:
-        end = min(begin + seq_len, n_tokens)
-        first = max(scored_to, begin + 1)
-        if first < end:
-            out.append((begin, end, first))
-        scored_to = end
-        begin += stride
-    return out
-
-
-@torch.no_grad()
-def stream_nll(model, ids: torch.Tensor, seq_len: int, stride: int, batch_size: int = 1) -> tuple[float, int]:
-    """Summed negative log-likelihood and number of scored tokens over a 1-D token stream (see `windows`)."""
-    device = next(model.parameters()).device
-    plan = windows(ids.numel(), seq_len, stride)
-    total, count = 0.0, 0
-    i = 0
-    while i < len(plan):
-        # Windows of equal length go together; the last one may be shorter.
-        length = plan[i][1] - plan[i][0]
-        batch = [plan[i]]
-        while (
-            len(batch) < batch_size
-            and i + len(batch) < len(plan)
-            and plan[i + len(batch)][1] - plan[i + len(batch)][0] == length
-        ):
-            batch.append(plan[i + len(batch)])
-        i += len(batch)
-        inputs = torch.stack([ids[b:e] for b, e, _ in batch]).to(device)
-        logits = model(input_ids=inputs, use_cache=False).logits.float()
-        for row, (b, e, first) in enumerate(batch):
-            # logits at position p predict token p + 1.
-            pred = logits[row, first - b - 1 : e - b - 1]
-            target = inputs[row, first - b : e - b]
-            total += F.cross_entropy(pred, target, reduction="sum").item()
-            count += target.numel()
-    return total, count
-
-
-def perplexity(
-    model_path: str | Path,
-    sources: list[TextSource],
-    *,
-    seq_len: int = 1024,
-    stride: int | None = None,
-    max_tokens: int | None = None,
-    batch_size: int = 1,
-    device: str = "cpu",
-    dtype: str = "float32",
-) -> PerplexityResult:
-    """Perplexity of a checkpoint (source or converted) on text sources read as one text; the built-in corpus is
-    read from its held-out evaluation part."""
-    stride = seq_len if stride is None else stride
-    model = load_model(model_path, device, dtype)
-    tokenizer = load_tokenizer(model_path)
+def evaluation_ids(tokenizer, sources: list[TextSource], max_tokens: int | None = None) -> tuple[torch.Tensor, str]:
+    """The evaluation text of `sources` (the held-out part of a built-in corpus) as one token stream, cut to
+    `max_tokens`, and its description with checksum."""
     texts = [t for source in sources for t in load_texts(source, part="evaluation")]
     ids = tokenize(tokenizer, texts)
     if max_tokens is not None:
         ids = ids[:max_tokens]
+    return ids, f"{' + '.join(map(str, sources))} [{fingerprint(texts)}]"
+
+
+def perplexity(
+    model: torch.nn.Module,
+    ids: torch.Tensor,
+    *,
+    seq_len: int = 1024,
+    stride: int | None = None,
+    batch_size: int = 1,
+    name: str = "",
+    text: str = "",
+) -> PerplexityResult:
+    """Perplexity of a model on a 1-D token stream in windows of `seq_len` every `stride` tokens (default:
+    non-overlapping); `name` and `text` label the result."""
+    stride = seq_len if stride is None else stride
     start = time.time()
     nll, count = stream_nll(model, ids, seq_len, stride, batch_size)
     seconds = time.time() - start
     return PerplexityResult(
-        model=str(model_path),
+        model=name,
         ppl=math.exp(nll / count),
         nll=nll / count,
         tokens=count,
@@ -112,5 +63,5 @@ def perplexity(
         tokens_per_second=count / seconds if seconds > 0 else float("inf"),
         seq_len=seq_len,
         stride=stride,
-        text=f"{' + '.join(map(str, sources))} [{fingerprint(texts)}]",
+        text=text,
     )

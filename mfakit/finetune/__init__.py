@@ -1,5 +1,5 @@
-"""Fine-tuning converted models: distillation from the source, one process or many (torchrun)."""
+"""The finetune stage: distillation of a converted model from its source, one process or many (torchrun)."""
 
-from mfakit.finetune.train import FinetuneConfig, FinetuneError, FinetuneSummary, finetune
+from mfakit.finetune.train import FinetuneError, FinetuneOptions, FinetuneSummary, finetune
 
-__all__ = ["FinetuneConfig", "FinetuneError", "FinetuneSummary", "finetune"]
+__all__ = ["FinetuneError", "FinetuneOptions", "FinetuneSummary", "finetune"]

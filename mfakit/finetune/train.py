@@ -11,21 +11,29 @@ import os
 import shutil
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TextIO
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from mfakit.convert.io import CheckpointError, copy_side_files
-from mfakit.data import TextSource, load_texts, parse_spec, tokenize
-from mfakit.eval.loading import load_model, load_tokenizer, torch_dtype
-from mfakit.eval.ppl import stream_nll
-from mfakit.finetune.data import check_disjoint, pack, parse_train_spec, sequence_indices, training_stream
+from mfakit.checkpoint import CheckpointError, copy_side_files, replace_file, write_mfa_files
+from mfakit.errors import MfakitError, OptionsError
+from mfakit.finetune.dataset import (
+    check_disjoint,
+    pack,
+    parse_training_source,
+    sequence_indices,
+    training_stream,
+)
+from mfakit.loading import DTYPES, load_model, load_tokenizer, torch_dtype
 from mfakit.model.modeling_mfa import MFAAttention, MFAConfig
+from mfakit.scoring import stream_nll
+from mfakit.texts import TextSource, load_texts, parse_text_spec, tokenize
 
 LOSSES = ("kd", "lm", "kd+lm")
 TRAINABLE = ("attention", "all")
@@ -50,16 +58,16 @@ RESUME_FIELDS = (
 )
 
 
-class FinetuneError(ValueError):
+class FinetuneError(MfakitError):
     """Settings a fine-tuning run cannot start with."""
 
 
-@dataclass
-class FinetuneConfig:
+@dataclass(frozen=True)
+class FinetuneOptions:
     """tokens or steps: the run's length (tokens are rounded up to whole optimiser steps of
     batch_size * grad_accum * world_size sequences of seq_len). warmup: linear warm-up steps (default 10% of the
     steps, at least 1 and at most 100), then linear decay to zero. eval_every: held-out perplexity every N steps
-    (0: only before and after)."""
+    (0: only before and after). save_every: resumable state every N steps (0: never)."""
 
     teacher: str | None = None
     data: list[str] = field(default_factory=lambda: ["builtin:pydoc"])
@@ -86,6 +94,20 @@ class FinetuneConfig:
     gradient_checkpointing: bool = False
     seed: int = 0
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.loss not in LOSSES:
+            raise OptionsError(f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
+        if self.trainable not in TRAINABLE:
+            raise OptionsError(f"trainable must be one of {', '.join(TRAINABLE)}, got {self.trainable!r}")
+        if (self.tokens is None) == (self.steps is None):
+            raise OptionsError("give exactly one of tokens and steps")
+        for name in ("seq_len", "batch_size", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise OptionsError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if (self.tokens or self.steps or 0) < 1 or not self.lr > 0 or not self.kd_temperature > 0:
+            raise OptionsError("tokens/steps, lr and kd_temperature must be positive")
+        torch_dtype(self.dtype)
 
 
 @dataclass
@@ -124,8 +146,6 @@ def lr_factor(step: int, warmup: int, total: int) -> float:
 def select_trainable(model: torch.nn.Module, trainable: str) -> None:
     """Freeze all but the chosen parameters (`attention`: those of the MFA attention modules); what trains is then
     what requires a gradient."""
-    if trainable not in TRAINABLE:
-        raise FinetuneError(f"trainable must be one of {', '.join(TRAINABLE)}, got {trainable!r}")
     if trainable == "all":
         names = [n for n, _ in model.named_parameters()]
     else:
@@ -170,21 +190,6 @@ def _teacher_path(model_path: Path, teacher: str | None) -> str:
     return source
 
 
-def _eval_ids(held_out: TextSource | None, tokenizer, max_tokens: int) -> torch.Tensor | None:
-    if held_out is None:
-        return None
-    return tokenize(tokenizer, load_texts(held_out, part="evaluation"))[:max_tokens]
-
-
-def _held_out_ppl(model: torch.nn.Module, ids: torch.Tensor, seq_len: int, autocast) -> float:
-    was_training = model.training
-    model.eval()
-    with torch.no_grad(), autocast():
-        nll, count = stream_nll(model, ids, min(seq_len, ids.numel()), min(seq_len, ids.numel()))
-    model.train(was_training)
-    return math.exp(nll / count)
-
-
 def _rng_state() -> dict:
     state = {"cpu": torch.random.get_rng_state()}
     if torch.cuda.is_available():
@@ -198,220 +203,278 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _save_state(path: Path, state: dict) -> None:
-    """Write then rename, so a run killed while saving keeps the previous state."""
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+@dataclass
+class RunState:
+    """One process's side of a run: the student (and its DDP wrapper), the teacher, optimiser and schedule, the
+    packed training sequences, and the log and held-out text of rank 0."""
 
+    options: FinetuneOptions
+    out: Path
+    model: torch.nn.Module
+    teacher: torch.nn.Module | None
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    sequences: torch.Tensor
+    steps: int
+    rank: int
+    world: int
+    device: str
+    wrapped: torch.nn.Module | None = None
+    eval_ids: torch.Tensor | None = None
+    log: TextIO | None = None
+    start_step: int = 0
+    ppl_before: float | None = None
 
-def _write_model(model: torch.nn.Module, model_path: Path, out: Path, record: dict) -> None:
-    """The fine-tuned model as a normal checkpoint: weights, side files, and config.json last (it marks the
-    folder finished), with the run recorded in the config."""
-    staging = out / ".final"
-    shutil.rmtree(staging, ignore_errors=True)
-    source_config = json.loads((model_path / "config.json").read_text())
-    saved_dtype = source_config.get("dtype")
-    if saved_dtype in ("float32", "bfloat16", "float16"):
-        model = model.to(torch_dtype(saved_dtype))
-    model.save_pretrained(staging, safe_serialization=True)
-    copy_side_files(model_path, staging)
-    if isinstance(model.config, MFAConfig):
-        shutil.copy2(model_path / "modeling_mfa.py", staging / "modeling_mfa.py")
-    config = json.loads((staging / "config.json").read_text())
-    conversion = dict(config.get("conversion") or {})
-    conversion["finetune"] = record
-    config["conversion"] = conversion
-    if "auto_map" in source_config:
-        config["auto_map"] = source_config["auto_map"]
-    (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    for item in sorted(staging.iterdir(), key=lambda p: p.name == "config.json"):
-        os.replace(item, out / item.name)
-    staging.rmdir()
+    @property
+    def per_step(self) -> int:
+        """Sequences per optimiser step, over all ranks."""
+        return self.options.batch_size * self.options.grad_accum * self.world
 
+    @property
+    def state_file(self) -> Path:
+        return self.out / TRAINER_DIR / "state.pt"
 
-def finetune(model_path: str | Path, out: str | Path, config: FinetuneConfig | None = None) -> FinetuneSummary:
-    """Fine-tune `model_path` (a converted checkpoint, or any causal LM with --trainable all) into `out`."""
-    config = config or FinetuneConfig()
-    model_path, out = Path(model_path), Path(out)
-    if config.loss not in LOSSES:
-        raise FinetuneError(f"loss must be one of {', '.join(LOSSES)}, got {config.loss!r}")
-    if (config.tokens is None) == (config.steps is None):
-        raise FinetuneError("give exactly one of tokens and steps")
-    for name in ("seq_len", "batch_size", "grad_accum"):
-        if getattr(config, name) < 1:
-            raise FinetuneError(f"{name} must be at least 1, got {getattr(config, name)}")
-    if (config.tokens or config.steps or 0) < 1 or config.lr <= 0 or config.kd_temperature <= 0:
-        raise FinetuneError("tokens/steps, lr and kd_temperature must be positive")
-    if out.resolve() == model_path.resolve():
-        raise FinetuneError(f"{out} is the model being trained; write the result elsewhere")
-    state_file = out / TRAINER_DIR / "state.pt"
-    if out.exists() and not config.resume:
-        raise CheckpointError(f"{out} exists (pass --resume to continue a run there, or choose another folder)")
-    if config.resume and not state_file.is_file():
-        raise CheckpointError(f"{out} holds no fine-tuning state to resume ({state_file} is missing)")
-    sources = [parse_train_spec(s, config.text_column) for s in config.data]
-    held_out = parse_spec(config.eval_text, config.text_column) if config.eval_text else None
-    check_disjoint(sources, held_out)
-    torch_dtype(config.dtype)
-    with _distributed(config.device) as (rank, world, device):
-        return _train(model_path, out, config, sources, held_out, state_file, rank, world, device)
-
-
-def _train(model_path, out, config, sources, held_out, state_file, rank, world, device) -> FinetuneSummary:
-    torch.manual_seed(config.seed)
-    model = load_model(model_path, device, "float32")
-    tokenizer = load_tokenizer(model_path)
-    select_trainable(model, config.trainable)
-    teacher = None
-    if config.loss != "lm" or any(isinstance(s, int) for s in sources):
-        teacher = load_model(_teacher_path(model_path, config.teacher), device, config.dtype)
-        teacher.requires_grad_(False)
-    sequences = pack(training_stream(sources, tokenizer, teacher, config.seq_len, config.seed), config.seq_len)
-    per_step = config.batch_size * config.grad_accum * world
-    steps = config.steps or -(-config.tokens // (per_step * config.seq_len))
-    warmup = config.warmup if config.warmup is not None else min(100, max(1, steps // 10))
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.95))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, steps))
-    start_step = 0
-    if config.resume:
-        state = torch.load(state_file, map_location="cpu", weights_only=False)
-        changed = [k for k in RESUME_FIELDS if state["config"][k] != asdict(config)[k]]
-        if changed:
-            raise FinetuneError(f"cannot resume with changed settings: {', '.join(changed)}")
-        if state["world_size"] != world:
-            raise FinetuneError(f"the run was started on {state['world_size']} processes, not {world}")
-        model.load_state_dict(state["trainable"], strict=False)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start_step = state["step"]
-        ppl_before = state["eval_ppl_before"]
-        _set_rng_state(state["rng"][rank])
-    if config.gradient_checkpointing:
-        model.activation_checkpointing_enable()
-    model.train()
-    wrapped = model
-    if world > 1:
-        wrapped = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[torch.device(device).index] if device.startswith("cuda") else None
-        )
-    device_type = torch.device(device).type
-
-    def autocast():
-        if config.dtype == "float32":
+    def autocast(self) -> AbstractContextManager:
+        if self.options.dtype == "float32":
             return nullcontext()
-        return torch.autocast(device_type, dtype=torch_dtype(config.dtype))
+        return torch.autocast(torch.device(self.device).type, dtype=DTYPES[self.options.dtype])
 
-    eval_ids = _eval_ids(held_out, tokenizer, config.eval_tokens) if rank == 0 else None
-    if rank == 0:
-        (out / TRAINER_DIR).mkdir(parents=True, exist_ok=True)
-    log = open(out / LOG_FILE, "a") if rank == 0 else None  # noqa: SIM115  (kept open for the whole run)
+    def write_log(self, record: dict) -> None:
+        if self.log is not None:
+            self.log.write(json.dumps(record) + "\n")
+            self.log.flush()
 
-    def write_log(record: dict) -> None:
-        if log is not None:
-            log.write(json.dumps(record) + "\n")
-            log.flush()
-
-    def evaluate(step: int) -> float | None:
+    def evaluate(self, step: int) -> float | None:
+        """Held-out perplexity (rank 0; None without held-out text), logged."""
         ppl = None
-        if eval_ids is not None:
-            ppl = _held_out_ppl(model, eval_ids, config.seq_len, autocast)
-            write_log({"step": step, "eval_ppl": ppl})
-        if world > 1:
+        if self.eval_ids is not None:
+            was_training = self.model.training
+            self.model.eval()
+            window = min(self.options.seq_len, self.eval_ids.numel())
+            with torch.no_grad(), self.autocast():
+                nll, count = stream_nll(self.model, self.eval_ids, window, window)
+            self.model.train(was_training)
+            ppl = math.exp(nll / count)
+            self.write_log({"step": step, "eval_ppl": ppl})
+        if self.world > 1:
             dist.barrier()
         return ppl
 
-    if start_step == 0:
-        ppl_before = evaluate(0)
-    bar = tqdm(total=steps, initial=start_step, desc="fine-tuning", disable=not config.progress or rank > 0)
+
+def finetune(model_path: str | Path, out: str | Path, options: FinetuneOptions) -> FinetuneSummary:
+    """Fine-tune `model_path` (a converted checkpoint, or any causal LM with trainable="all") into `out`."""
+    model_path, out = Path(model_path), Path(out)
+    if out.resolve() == model_path.resolve():
+        raise FinetuneError(f"{out} is the model being trained; write the result elsewhere")
+    state_file = out / TRAINER_DIR / "state.pt"
+    if out.exists() and not options.resume:
+        raise CheckpointError(f"{out} exists (pass --resume to continue a run there, or choose another folder)")
+    if options.resume and not state_file.is_file():
+        raise CheckpointError(f"{out} holds no fine-tuning state to resume ({state_file} is missing)")
+    sources = [parse_training_source(s, options.text_column) for s in options.data]
+    held_out = parse_text_spec(options.eval_text, options.text_column) if options.eval_text else None
+    check_disjoint(sources, held_out)
+    with _distributed(options.device) as (rank, world, device):
+        run = _start_run(model_path, out, options, sources, held_out, rank, world, device)
+        start = time.time()
+        loss = _train_steps(run)
+        return _finish(run, model_path, loss, time.time() - start)
+
+
+def _start_run(
+    model_path: Path,
+    out: Path,
+    options: FinetuneOptions,
+    sources: list[TextSource | int],
+    held_out: TextSource | None,
+    rank: int,
+    world: int,
+    device: str,
+) -> RunState:
+    """Load student and teacher, pack the data, build optimiser and schedule, restore a saved state (resume), and
+    open the log; every rank does the same, so the random state stays in step."""
+    torch.manual_seed(options.seed)
+    model = load_model(model_path, device, "float32")
+    tokenizer = load_tokenizer(model_path)
+    select_trainable(model, options.trainable)
+    teacher = None
+    if options.loss != "lm" or any(isinstance(s, int) for s in sources):
+        teacher = load_model(_teacher_path(model_path, options.teacher), device, options.dtype)
+        teacher.requires_grad_(False)
+    sequences = pack(training_stream(sources, tokenizer, teacher, options.seq_len, options.seed), options.seq_len)
+    steps = options.steps or -(-options.tokens // (options.batch_size * options.grad_accum * world * options.seq_len))
+    warmup = options.warmup if options.warmup is not None else min(100, max(1, steps // 10))
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=options.lr, weight_decay=options.weight_decay, betas=(0.9, 0.95))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, steps))
+    run = RunState(options, out, model, teacher, optimizer, scheduler, sequences, steps, rank, world, device)
+    if options.resume:
+        _restore(run)
+    if options.gradient_checkpointing:
+        model.activation_checkpointing_enable()
+    model.train()
+    run.wrapped = model
+    if world > 1:
+        device_ids = [torch.device(device).index] if device.startswith("cuda") else None
+        run.wrapped = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    if rank == 0:
+        if held_out is not None:
+            run.eval_ids = tokenize(tokenizer, load_texts(held_out, part="evaluation"))[: options.eval_tokens]
+        (out / TRAINER_DIR).mkdir(parents=True, exist_ok=True)
+        run.log = open(out / LOG_FILE, "a")  # noqa: SIM115  (kept open for the whole run, closed in _finish)
+    if run.start_step == 0:
+        run.ppl_before = run.evaluate(0)
+    return run
+
+
+def _restore(run: RunState) -> None:
+    """Continue from the saved state: weights, optimiser, schedule, step and this rank's random state. The file
+    holds tensors and plain values only, and is read as such (no code in it can run)."""
+    state = torch.load(run.state_file, map_location="cpu", weights_only=True)
+    changed = [k for k in RESUME_FIELDS if state["options"][k] != asdict(run.options)[k]]
+    if changed:
+        raise FinetuneError(f"cannot resume with changed settings: {', '.join(changed)}")
+    if state["world_size"] != run.world:
+        raise FinetuneError(f"the run was started on {state['world_size']} processes, not {run.world}")
+    run.model.load_state_dict(state["trainable"], strict=False)
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    run.start_step = state["step"]
+    run.ppl_before = state["eval_ppl_before"]
+    _set_rng_state(state["rng"][run.rank])
+
+
+def _train_steps(run: RunState) -> float:
+    """The optimiser steps from `run.start_step` to the end; returns the last step's loss (averaged over ranks)."""
+    options = run.options
+    params = [p for p in run.model.parameters() if p.requires_grad]
+    bar = tqdm(
+        total=run.steps, initial=run.start_step, desc="fine-tuning", disable=not options.progress or run.rank > 0
+    )
     start, loss_value, trained = time.time(), float("nan"), 0
     try:
-        for step in range(start_step, steps):
-            optimizer.zero_grad(set_to_none=True)
-            total = 0.0
-            for micro in range(config.grad_accum):
-                position = ((step * config.grad_accum + micro) * world + rank) * config.batch_size
-                ids = sequences[sequence_indices(position, config.batch_size, len(sequences), config.seed)].to(device)
-                sync = world == 1 or micro == config.grad_accum - 1
-                with nullcontext() if sync else wrapped.no_sync(), autocast():
-                    loss = _train_loss(wrapped, teacher, ids, config) / config.grad_accum
-                loss.backward()
-                total += loss.item()
-            torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
+        for step in range(run.start_step, run.steps):
+            loss_value = _one_step(run, step, params)
             trained += 1
-            loss_value = total
-            if world > 1:
-                reduced = torch.tensor([total], device=device)
-                dist.all_reduce(reduced)
-                loss_value = reduced.item() / world
-            elapsed = time.time() - start
-            tps = trained * per_step * config.seq_len / elapsed
-            lr = scheduler.get_last_lr()[0]
+            tps = trained * run.per_step * options.seq_len / (time.time() - start)
+            lr = run.scheduler.get_last_lr()[0]
             bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tps:.0f}", lr=f"{lr:.2e}")
             bar.update()
-            write_log({"step": step + 1, "loss": loss_value, "lr": lr, "tokens_per_second": tps, "seconds": elapsed})
-            if config.eval_every and (step + 1) % config.eval_every == 0 and step + 1 < steps:
-                evaluate(step + 1)
-            if config.save_every and (step + 1) % config.save_every == 0 and step + 1 < steps:
-                extra = {"eval_ppl_before": ppl_before}
-                _checkpoint(model, optimizer, scheduler, step + 1, config, world, rank, state_file, extra)
+            run.write_log(
+                {
+                    "step": step + 1,
+                    "loss": loss_value,
+                    "lr": lr,
+                    "tokens_per_second": tps,
+                    "seconds": time.time() - start,
+                }
+            )
+            if options.eval_every and (step + 1) % options.eval_every == 0 and step + 1 < run.steps:
+                run.evaluate(step + 1)
+            if options.save_every and (step + 1) % options.save_every == 0 and step + 1 < run.steps:
+                _save_state(run, step + 1)
     finally:
         bar.close()
-    ppl_after = evaluate(steps)
-    seconds = time.time() - start
-    summary = FinetuneSummary(
-        out=str(out),
-        steps=steps,
-        tokens=steps * per_step * config.seq_len,
-        final_loss=loss_value,
-        eval_ppl_before=ppl_before,
-        eval_ppl_after=ppl_after,
-        tokens_per_second=trained * per_step * config.seq_len / max(seconds, 1e-9),
-        seconds=seconds,
-    )
-    if rank == 0:
-        record = {k: v for k, v in asdict(config).items() if k not in ("resume", "progress")}
-        record.update(world_size=world, eval_ppl_before=ppl_before, eval_ppl_after=ppl_after)
-        _write_model(model, model_path, out, record)
-        log.close()
-    if world > 1:
-        dist.barrier()
-    return summary
+    return loss_value
 
 
-def _train_loss(model: torch.nn.Module, teacher: torch.nn.Module | None, ids: torch.Tensor, config) -> torch.Tensor:
+def _one_step(run: RunState, step: int, params: list[torch.nn.Parameter]) -> float:
+    """One optimiser step over grad_accum micro-batches; rank r reads rows r*B.. of each global micro-batch."""
+    options = run.options
+    run.optimizer.zero_grad(set_to_none=True)
+    total = 0.0
+    for micro in range(options.grad_accum):
+        position = ((step * options.grad_accum + micro) * run.world + run.rank) * options.batch_size
+        rows = sequence_indices(position, options.batch_size, len(run.sequences), options.seed)
+        ids = run.sequences[rows].to(run.device)
+        sync = run.world == 1 or micro == options.grad_accum - 1
+        with nullcontext() if sync else run.wrapped.no_sync(), run.autocast():
+            loss = _train_loss(run.wrapped, run.teacher, ids, options) / options.grad_accum
+        loss.backward()
+        total += loss.item()
+    torch.nn.utils.clip_grad_norm_(params, options.max_grad_norm)
+    run.optimizer.step()
+    run.scheduler.step()
+    if run.world > 1:
+        reduced = torch.tensor([total], device=run.device)
+        dist.all_reduce(reduced)
+        return reduced.item() / run.world
+    return total
+
+
+def _train_loss(model: torch.nn.Module, teacher: torch.nn.Module | None, ids: torch.Tensor, options) -> torch.Tensor:
     logits = model(input_ids=ids, use_cache=False).logits
     loss = torch.zeros((), device=ids.device)
-    if config.loss in ("kd", "kd+lm"):
+    if options.loss in ("kd", "kd+lm"):
         with torch.no_grad():
             target = teacher(input_ids=ids, use_cache=False).logits
-        loss = loss + kd_loss(logits, target, config.kd_temperature)
-    if config.loss in ("lm", "kd+lm"):
+        loss = loss + kd_loss(logits, target, options.kd_temperature)
+    if options.loss in ("lm", "kd+lm"):
         loss = loss + lm_loss(logits, ids)
     return loss
 
 
-def _checkpoint(model, optimizer, scheduler, step, config, world, rank, state_file: Path, extra: dict) -> None:
-    """Every rank's random state goes to rank 0, which writes the whole state."""
+def _save_state(run: RunState, step: int) -> None:
+    """Every rank's random state goes to rank 0, which writes the whole state (write, then rename)."""
     rng = [_rng_state()]
-    if world > 1:
-        rng = [None] * world
+    if run.world > 1:
+        rng = [None] * run.world
         dist.all_gather_object(rng, _rng_state())
-    if rank == 0:
+    if run.rank == 0:
         state = {
             "step": step,
-            "trainable": {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad},
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
+            "trainable": {n: p.detach().cpu() for n, p in run.model.named_parameters() if p.requires_grad},
+            "optimizer": run.optimizer.state_dict(),
+            "scheduler": run.scheduler.state_dict(),
             "rng": rng,
-            "world_size": world,
-            "config": asdict(config),
-            **extra,
+            "world_size": run.world,
+            "options": asdict(run.options),
+            "eval_ppl_before": run.ppl_before,
         }
-        _save_state(state_file, state)
-    if world > 1:
+        replace_file(run.state_file, lambda tmp: torch.save(state, tmp))
+    if run.world > 1:
         dist.barrier()
+
+
+def _finish(run: RunState, model_path: Path, loss: float, seconds: float) -> FinetuneSummary:
+    """Final held-out score, the fine-tuned checkpoint (rank 0), and the summary."""
+    ppl_after = run.evaluate(run.steps)
+    trained = run.steps - run.start_step
+    tokens_per_step = run.per_step * run.options.seq_len
+    if run.rank == 0:
+        record = {k: v for k, v in asdict(run.options).items() if k not in ("resume", "progress")}
+        record.update(world_size=run.world, eval_ppl_before=run.ppl_before, eval_ppl_after=ppl_after)
+        _write_model(run.model, model_path, run.out, record)
+        run.log.close()
+    if run.world > 1:
+        dist.barrier()
+    return FinetuneSummary(
+        out=str(run.out),
+        steps=run.steps,
+        tokens=run.steps * tokens_per_step,
+        final_loss=loss,
+        eval_ppl_before=run.ppl_before,
+        eval_ppl_after=ppl_after,
+        tokens_per_second=trained * tokens_per_step / max(seconds, 1e-9),
+        seconds=seconds,
+    )
+
+
+def _write_model(model: torch.nn.Module, model_path: Path, out: Path, record: dict) -> None:
+    """The fine-tuned model as a normal checkpoint, staged beside and moved in with config.json last (it marks
+    the folder finished), with the run recorded under `conversion.finetune`."""
+    staging = out / ".final"
+    shutil.rmtree(staging, ignore_errors=True)
+    saved_dtype = json.loads((model_path / "config.json").read_text()).get("dtype")
+    if saved_dtype in DTYPES:
+        model = model.to(DTYPES[saved_dtype])
+    config = model.config
+    config.conversion = {**(getattr(config, "conversion", None) or {}), "finetune": record}
+    model.save_pretrained(staging, safe_serialization=True)
+    if isinstance(config, MFAConfig):
+        write_mfa_files(staging, model_path, config)
+    else:
+        copy_side_files(model_path, staging)
+    for item in sorted(staging.iterdir(), key=lambda p: p.name == "config.json"):
+        os.replace(item, out / item.name)
+    staging.rmdir()

@@ -64,6 +64,10 @@ class MFAConfig(PreTrainedConfig):
             if len(self.mfa_layers) != n_layers:
                 raise ValueError(f"mfa_layers has {len(self.mfa_layers)} entries for {n_layers} decoder layers")
 
+    def cached_numbers_per_layer(self) -> list[int]:
+        """Numbers each layer caches per token: kv_dim + v_dim (MFA), kv_dim (MFA-KR: the latent alone)."""
+        return [c["kv_dim"] + (0 if self.variant == "mfa-kr" else c["v_dim"]) for c in self.mfa_layers]
+
     def __getattr__(self, name: str) -> Any:
         # Only reached when normal lookup fails: source-model attributes (vocab_size, tie_word_embeddings, ...)
         # are answered by the source config, so the source family's own forward code can read them from here.

@@ -1,27 +1,27 @@
 """Training data for fine-tuning: text specs (as in evaluation) or text sampled from the teacher, packed into
 fixed-length sequences, and a deterministic order over them that every rank and every resumed run agrees on.
 
-A training spec is any text spec of `mfakit.data` (builtin:pydoc reads its calibration part, never the held-out
-part) or `generate:N`: N tokens sampled from the teacher, for a user who has no corpus.
+A training source is any text spec of `mfakit.texts` (builtin:pydoc reads its calibration part, never the
+held-out part) or `generate:N`: N tokens sampled from the teacher, for a user who has no corpus.
 """
 
 from __future__ import annotations
 
 import torch
 
-from mfakit.data import TextSource, TextSourceError, load_texts, parse_spec, tokenize
+from mfakit.texts import TextSource, TextSourceError, load_texts, parse_text_spec, tokenize
 
 GENERATE_PREFIX = "generate:"
 
 
-def parse_train_spec(spec: str, text_column: str = "text") -> TextSource | int:
+def parse_training_source(spec: str, text_column: str = "text") -> TextSource | int:
     """A text source, or the number of tokens to sample from the teacher for `generate:N`."""
     if spec.startswith(GENERATE_PREFIX):
         count = spec.removeprefix(GENERATE_PREFIX)
         if not count.isdigit() or int(count) == 0:
             raise TextSourceError(f"generate:N needs a positive token count, got {spec!r}")
         return int(count)
-    return parse_spec(spec, text_column)
+    return parse_text_spec(spec, text_column)
 
 
 def check_disjoint(train: list[TextSource | int], held_out: TextSource | None) -> None:

@@ -1,8 +1,10 @@
-"""Checkpoint I/O: lazy tensor reading from (sharded) safetensors, sharded writing, and atomic output folders."""
+"""Checkpoint folders: lazy tensor reading from (sharded) safetensors, streamed sharded writing, output folders that
+appear only when finished, write-then-rename files, and the files that make a folder an MFA checkpoint."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import struct
@@ -13,6 +15,10 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from mfakit.errors import MfakitError
+from mfakit.model import modeling_mfa
+from mfakit.model.modeling_mfa import MFAConfig
+
 WEIGHT_INDEX = "model.safetensors.index.json"
 WEIGHT_FILE = "model.safetensors"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack")
@@ -20,7 +26,7 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgp
 NOT_COPIED = {"config.json", WEIGHT_INDEX, "pytorch_model.bin.index.json", "finetune-log.jsonl"}
 
 
-class CheckpointError(ValueError):
+class CheckpointError(MfakitError):
     """A checkpoint folder that cannot be read or written as asked."""
 
 
@@ -98,8 +104,13 @@ class LazyCheckpoint:
         self.stored = {new: old for old, new in renamed.items()}
         self.files = {renamed[n]: f for n, f in self.files.items()}
 
-    def nbytes(self) -> int:
-        return sum(p.stat().st_size for p in set(self.files.values()))
+    def num_params(self) -> int:
+        """Elements of every stored tensor, from the shard headers (no tensor is read)."""
+        total = 0
+        for file in set(self.files.values()):
+            with safe_open(file, framework="pt") as f:
+                total += sum(math.prod(f.get_slice(name).get_shape()) for name in f.keys())
+        return total
 
 
 SAFETENSORS_DTYPES = {
@@ -131,11 +142,12 @@ class ShardedWriter:
     def __init__(self, folder: Path, max_shard_bytes: int, state: dict | None = None):
         self.folder = Path(folder)
         self.max_shard_bytes = max_shard_bytes
-        state = state or {"shards": [], "entries": [], "data_bytes": 0, "total_bytes": 0}
+        state = state or {"shards": [], "entries": [], "data_bytes": 0, "total_bytes": 0, "elements": 0}
         self.shards: list[list[str]] = [list(s) for s in state["shards"]]
         self.entries: list[list] = [list(e) for e in state["entries"]]
         self.data_bytes: int = state["data_bytes"]
         self.total_bytes: int = state["total_bytes"]
+        self.elements: int = state["elements"]
         self.names = {n for s in self.shards for n in s} | {e[0] for e in self.entries}
         data = self._data_path()
         if self.data_bytes and not data.exists():
@@ -165,11 +177,13 @@ class ShardedWriter:
         return self.folder / f"shard-{len(self.shards):05d}.data"
 
     def state(self) -> dict:
+        """Everything written so far, as plain values (what a resumed writer starts from)."""
         return {
             "shards": self.shards,
             "entries": self.entries,
             "data_bytes": self.data_bytes,
             "total_bytes": self.total_bytes,
+            "elements": self.elements,
         }
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
@@ -188,6 +202,7 @@ class ShardedWriter:
         self.names.add(name)
         self.data_bytes += size
         self.total_bytes += size
+        self.elements += tensor.numel()
 
     def flush(self) -> None:
         """Close the open shard: header (8-byte length, JSON padded to 8 bytes), then the data, streamed."""
@@ -267,3 +282,24 @@ def atomic_folder(
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, out)
+
+
+def replace_file(path: Path, write: Callable[[Path], None]) -> None:
+    """Write a file through `write(tmp)` beside it, then rename it into place: a run killed while writing leaves
+    the previous file (or none), never a half-written one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def write_mfa_files(folder: Path, source: Path, config: MFAConfig) -> None:
+    """What makes `folder` an MFA checkpoint beside its weights: config.json pointing the Auto classes at the
+    modeling file, mfakit's own modeling_mfa.py, and the source folder's tokenizer and generation files."""
+    config.auto_map = {
+        "AutoConfig": "modeling_mfa.MFAConfig",
+        "AutoModelForCausalLM": "modeling_mfa.MFAForCausalLM",
+    }
+    config.save_pretrained(folder)
+    shutil.copy2(modeling_mfa.__file__, Path(folder) / "modeling_mfa.py")
+    copy_side_files(source, folder)

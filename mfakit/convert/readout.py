@@ -1,0 +1,149 @@
+"""The output refit: a ridge regression of the converted layer's output projection on the source attention's
+output, from per-fold statistics or, where those would not fit, from the calibration samples (kernel form). Pure
+functions on tensors, like the factorization they refine."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+from mfakit.convert.factorize import MFALayer
+
+Tensor = torch.Tensor
+RIDGES = (1e-8, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+TOKENS_PER_FEATURE_UNREGULARISED = 8  # from this many calibration tokens per readout feature on, no ridge is needed
+STABLE_RIDGE = 1e-6
+
+
+@dataclass
+class ReadoutStats:
+    """Statistics of one calibration fold for the readout refit: gram = sum_t u_t u_t^T, cross = sum_t u_t y_t^T,
+    energy = sum_t ||y_t||^2 and the token count, where u_t is the converted layer's output-projection input and
+    y_t the source attention output (bias removed)."""
+
+    gram: Tensor
+    cross: Tensor
+    energy: float
+    tokens: int
+
+    def __add__(self, other: ReadoutStats) -> ReadoutStats:
+        return ReadoutStats(
+            self.gram + other.gram, self.cross + other.cross, self.energy + other.energy, self.tokens + other.tokens
+        )
+
+
+def _ridge_readout(stats: ReadoutStats, prior: Tensor, ridge: float) -> Tensor:
+    """argmin_W sum_t ||y_t - W u_t||^2 + lam ||W - prior||^2 with lam = ridge * mean(diag(gram))
+    = (cross^T + lam prior) (gram + lam I)^{-1}; (d, n)."""
+    lam = ridge * stats.gram.diagonal().mean().clamp_min(1e-30)
+    eye = torch.eye(stats.gram.shape[0], dtype=stats.gram.dtype)
+    return torch.linalg.solve(stats.gram + lam * eye, stats.cross + lam * prior.T).T
+
+
+def _readout_error(stats: ReadoutStats, w: Tensor) -> float:
+    """sum_t ||y_t - W u_t||^2 from the fold's statistics."""
+    return float(stats.energy - 2 * (w * stats.cross.T).sum() + (w @ stats.gram * w).sum())
+
+
+def _fixed_ridge(tokens: int, features: int, n_folds: int) -> float | None:
+    """The ridge when no validation is needed or possible (see `choose_ridge`), else None."""
+    if tokens >= TOKENS_PER_FEATURE_UNREGULARISED * features:
+        return STABLE_RIDGE
+    return RIDGES[-1] if n_folds < 2 else None
+
+
+def choose_ridge(folds: list[ReadoutStats], prior: Tensor) -> float:
+    """The readout refit's ridge strength. With at least TOKENS_PER_FEATURE_UNREGULARISED tokens per feature the
+    least-squares fit does not overfit and the ridge is STABLE_RIDGE (held-out layer error would ask for shrinkage
+    that costs perplexity; docs/method.md has the measurements); with fewer tokens it is chosen by leave-one-fold-out
+    error over RIDGES; with a single fold there is nothing to validate on, and the refit stays close to the prior
+    (the largest ridge)."""
+    total = sum(folds[1:], start=folds[0])
+    fixed = _fixed_ridge(total.tokens, total.gram.shape[0], len(folds))
+    if fixed is not None:
+        return fixed
+    errors = {}
+    for ridge in RIDGES:
+        errors[ridge] = 0.0
+        for k, held_out in enumerate(folds):
+            rest = [f for j, f in enumerate(folds) if j != k]
+            errors[ridge] += _readout_error(held_out, _ridge_readout(sum(rest[1:], start=rest[0]), prior, ridge))
+    return min(errors, key=errors.get)
+
+
+@dataclass
+class ReadoutSamples:
+    """The readout refit's calibration data kept whole, for layers with more readout features n than tokens N, where
+    the (n, n) statistics would not fit: u (N, n) the converted layer's output-projection inputs, y (N, d) the source
+    attention outputs (bias removed), and fold (N,) the cross-validation fold of each token."""
+
+    u: Tensor
+    y: Tensor
+    fold: Tensor
+
+
+def _dual_ridge_readout(u: Tensor, y: Tensor, prior: Tensor, ridge: float) -> Tensor:
+    """The minimiser of `_ridge_readout` from samples: W = P + ((K + lam I)^{-1} (Y - U P^T))^T U with the (N, N)
+    kernel K = U U^T and lam = ridge * mean(diag(U^T U)). Equal to the primal form by the push-through identity
+    (U^T U + lam I)^{-1} U^T = U^T (U U^T + lam I)^{-1}; (d, n)."""
+    lam = ridge * float(u.pow(2).sum() / u.shape[1])
+    kernel = u @ u.T
+    kernel.diagonal().add_(max(lam, 1e-30))
+    return (torch.linalg.solve(kernel, y - u @ prior.T).T @ u).add_(prior)
+
+
+def choose_ridge_dual(samples: ReadoutSamples, prior: Tensor) -> float:
+    """`choose_ridge` on samples: the same rule and the same leave-one-fold-out error, from one (N, N) kernel whose
+    training block is diagonalised once per fold for all ridges (predictions of held-out tokens:
+    U_h P^T + K_ht V diag(1 / (lam_i + lam)) V^T (Y_t - U_t P^T) for K_tt = V diag(lam_i) V^T)."""
+    tokens, n = samples.u.shape
+    folds = samples.fold.unique()
+    fixed = _fixed_ridge(tokens, n, len(folds))
+    if fixed is not None:
+        return fixed
+    kernel = samples.u @ samples.u.T
+    base = samples.u @ prior.T
+    energy = samples.u.pow(2).sum(1)
+    errors = dict.fromkeys(RIDGES, 0.0)
+    for k in folds:
+        held, train = samples.fold == k, samples.fold != k
+        lam, vec = torch.linalg.eigh(kernel[train][:, train])
+        a = vec.T @ (samples.y[train] - base[train])
+        b = kernel[held][:, train] @ vec
+        scale = float(energy[train].sum() / n)
+        for ridge in RIDGES:
+            predicted = base[held] + (b / (lam + ridge * scale)) @ a
+            errors[ridge] += float((samples.y[held] - predicted).pow(2).sum())
+    return min(errors, key=errors.get)
+
+
+def refit_from_statistics(layer: MFALayer, folds: list[ReadoutStats]) -> tuple[MFALayer, float]:
+    """Least-squares refit of the output projection against the source layer's attention output, from per-fold
+    statistics: the readout absorbs what the truncated keys and values lose, shrunk towards the current readout
+    (the least-squares reconstruction of the values) by the ridge of `choose_ridge`. Returns the layer and ridge."""
+    d, h, v = layer.wo.shape
+    prior = layer.wo.reshape(d, h * v).to(folds[0].gram.dtype)
+    ridge = choose_ridge(folds, prior)
+    wo = _ridge_readout(sum(folds[1:], start=folds[0]), prior, ridge)
+    return replace(layer, wo=wo.reshape(d, h, v).to(layer.wo.dtype)), ridge
+
+
+def refit_from_samples(layer: MFALayer, samples: ReadoutSamples) -> tuple[MFALayer, float]:
+    """`refit_from_statistics` from the samples themselves, in kernel form (same minimiser, same ridge rule), for
+    layers whose (n, n) statistics would not fit in memory."""
+    d, h, v = layer.wo.shape
+    prior = layer.wo.reshape(d, h * v).to(samples.u.dtype)
+    ridge = choose_ridge_dual(samples, prior)
+    wo = _dual_ridge_readout(samples.u, samples.y, prior, ridge)
+    return replace(layer, wo=wo.reshape(d, h, v).to(layer.wo.dtype)), ridge
+
+
+def refit_memory(features: int, d: int, tokens: int, folds: int) -> dict[str, int]:
+    """Bytes the output refit needs from statistics ((folds + 1) (n, n + d) sums in float64) and from samples (the
+    (N, n + d) samples in float64 twice over, the (N, N) kernel and the buffers of its solves, and the prior and
+    refit (d, n) readouts), for n readout features, model width d and N calibration tokens."""
+    return {
+        "statistics": (folds + 1) * features * (features + d) * 8,
+        "samples": 2 * tokens * (features + d) * 8 + 4 * tokens * tokens * 8 + 2 * d * features * 8,
+    }

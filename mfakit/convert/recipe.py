@@ -1,0 +1,391 @@
+"""`mfakit convert` as a recipe: plan the conversion, open the output and its resume state, convert one decoder
+layer at a time, finish the checkpoint, summarise.
+
+Each layer: read its tensors lazily, write every tensor outside its attention unchanged, run the calibration hidden
+states through it (recording its attention's input and output), factorize its attention, refit the output
+projection, write the converted tensors, advance the hidden states, and free it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import shutil
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from mfakit._version import __version__
+from mfakit.checkpoint import CheckpointError, ShardedWriter, atomic_folder, partial_folder, write_mfa_files
+from mfakit.convert import factorize as fz
+from mfakit.convert.adapters import mfa_layer_config, mfa_module, mfa_tensors, read_attention
+from mfakit.convert.calibration import (
+    LayerInputs,
+    Streams,
+    calibration_batches,
+    free_outside_layers,
+    load_module,
+    readout_samples,
+    readout_statistics,
+    record_layer_inputs,
+    run_layer,
+    second_moment,
+)
+from mfakit.convert.plan import ConversionPlan, ConvertOptions, convert_layer, is_exact, plan_conversion
+from mfakit.convert.readout import (
+    TOKENS_PER_FEATURE_UNREGULARISED,
+    refit_from_samples,
+    refit_from_statistics,
+    refit_memory,
+)
+from mfakit.convert.resume import (
+    RESUME_DIR,
+    ResumeState,
+    has_resume_state,
+    load_streams,
+    read_resume_state,
+    save_resume_state,
+)
+from mfakit.loading import DTYPES, load_tokenizer
+from mfakit.model.modeling_mfa import MFAConfig
+
+logger = logging.getLogger(__name__)
+READOUT_FOLDS = 8
+# Settings a resumed run must share with the killed one: the options, less these, plus what the options resolve to.
+NOT_RESUME_SETTINGS = ("device", "overwrite", "resume", "progress")
+# Settings recorded in the converted config under `conversion`.
+RECORDED_SETTINGS = (
+    "kv_ratio",
+    "kv_dim",
+    "share_q_dim",
+    "method",
+    "calibration",
+    "calibration_tokens",
+    "calibration_seq_len",
+    "mfakit_version",
+)
+
+
+@dataclass
+class ConvertSummary:
+    out: str
+    variant: str
+    kv_dim: list[int]
+    kv_bytes_per_token_before: int
+    kv_bytes_per_token_after: int
+    params_before: int
+    params_after: int
+    calibration: str
+    calibration_tokens: int
+    seconds: float
+
+    def lines(self) -> list[str]:
+        ratio = self.kv_bytes_per_token_after / self.kv_bytes_per_token_before
+        widths = self.kv_dim
+        width = str(widths[0]) if len(set(widths)) == 1 else f"{min(widths)}..{max(widths)} per layer"
+        return [
+            f"wrote {self.out} ({self.variant}, kv_dim {width})",
+            f"KV cache per token: {self.kv_bytes_per_token_before:,} -> {self.kv_bytes_per_token_after:,} bytes ({ratio:.3f}x)",
+            f"parameters: {self.params_before:,} -> {self.params_after:,}",
+            f"calibration: {self.calibration_tokens:,} tokens of {self.calibration}",
+            f"time: {self.seconds:.1f} s",
+        ]
+
+
+@dataclass
+class ConversionRun:
+    """The output being built: its partial folder, the shard writer, the state a resumed run continues from, and
+    which one-time notes were given."""
+
+    folder: Path
+    writer: ShardedWriter
+    state: ResumeState
+    noted: set[str] = field(default_factory=set)
+
+    def layer_done(self, next_layer: int, streams: Streams) -> None:
+        """Record that every layer before `next_layer` is written: the resume state, with the writer's position."""
+        self.state.next_layer = next_layer
+        self.state.writer = self.writer.state()
+        save_resume_state(self.folder, self.state, streams)
+
+    def note_once(self, kind: str, message: str) -> None:
+        if kind not in self.noted:
+            self.noted.add(kind)
+            logger.warning(message)
+
+
+def convert(source: str | Path, out: str | Path, options: ConvertOptions) -> ConvertSummary:
+    """Convert a causal-LM checkpoint (a folder or a hub name) to MFA or MFA-KR at a KV-cache budget; see
+    `ConvertOptions` and the README for the checkpoint format.
+
+    The work is built in a hidden partial folder beside `out` and renamed when finished. After every layer it
+    records a resume state; a killed run continues with `resume=True` and the same settings to the same bytes.
+    """
+    start = time.time()
+    plan = plan_conversion(source, options)
+    out = Path(out)
+    _check_output(out, plan.folder, options.overwrite)
+    for line in plan.describe(options.variant):
+        logger.info(line)
+    batches, calibration = calibration_batches(
+        load_tokenizer(plan.folder), options.calibration, options.calibration_tokens, options.calibration_seq_len
+    )
+    settings = _resume_settings(plan, options, calibration, sum(b.numel() for b in batches))
+    with open_output(out, options, settings) as run:
+        inputs, streams = start_streams(plan, options, run, batches)
+        bar = tqdm(
+            total=plan.n_layers,
+            initial=run.state.next_layer,
+            desc="converting layers",
+            disable=not options.progress,
+            unit="layer",
+        )
+        for i in range(run.state.next_layer, plan.n_layers):
+            streams = convert_one_layer(plan, options, run, i, streams, inputs.layer_args[i])
+            run.layer_done(i + 1, streams)
+            release_freed_memory()
+            bar.update()
+        bar.close()
+        config = finish_checkpoint(run, plan, options, source)
+    return summarize(out, plan, config, run, time.time() - start)
+
+
+def _check_output(out: Path, source_folder: Path, overwrite: bool) -> None:
+    if out.exists() and not overwrite:
+        raise CheckpointError(f"{out} exists (pass --overwrite to replace it)")
+    if out.resolve() == source_folder.resolve():
+        raise CheckpointError(f"{out} is the source checkpoint; write the conversion elsewhere")
+
+
+def _resume_settings(plan: ConversionPlan, options: ConvertOptions, calibration: str, tokens: int) -> dict:
+    settings = {"source": str(plan.folder.resolve())}
+    settings.update((k, v) for k, v in asdict(options).items() if k not in NOT_RESUME_SETTINGS)
+    settings.update(calibration=calibration, calibration_tokens=tokens, mfakit_version=__version__)
+    return settings
+
+
+@contextmanager
+def open_output(out: Path, options: ConvertOptions, settings: dict) -> Iterator[ConversionRun]:
+    """The partial output folder and its writer: fresh, or continued from a resume state (with `options.resume`).
+    The folder becomes `out` when the block finishes; a failure keeps it only if it holds a resume state."""
+    partial = partial_folder(out)
+    state = read_resume_state(partial, settings) if options.resume else None
+    if state is None:
+        shutil.rmtree(partial, ignore_errors=True)
+        state = ResumeState(settings=settings, layers=[])
+    else:
+        logger.info(f"resuming {partial} after layer {state.next_layer - 1}")
+    with atomic_folder(out, options.overwrite, tmp=partial, keep=has_resume_state) as tmp:
+        yield ConversionRun(tmp, ShardedWriter(tmp, options.max_shard_bytes, state.writer), state)
+
+
+def start_streams(
+    plan: ConversionPlan, options: ConvertOptions, run: ConversionRun, batches: list[torch.Tensor]
+) -> tuple[LayerInputs, Streams]:
+    """Run the calibration batches up to the first decoder layer (recording every layer's extra arguments) and,
+    on a fresh run, write every tensor outside the decoder layers; a resumed run takes its saved streams."""
+    layout = plan.layout
+    inputs = record_layer_inputs(
+        plan.skeleton,
+        layout.layers_path,
+        plan.ckpt,
+        batches,
+        options.device,
+        DTYPES[options.dtype],
+        layout.layer_returns_tuple,
+    )
+    if run.state.next_layer == 0:
+        layers_prefix = f"{layout.layers_path}."
+        outside = load_module(plan.skeleton, "", plan.ckpt, exclude=(layers_prefix,))
+        write_module_state(run.writer, outside, "", skip=(layers_prefix,))
+        streams = Streams(inputs.hidden)
+    else:
+        streams = load_streams(run.folder, run.state, options.device)
+    free_outside_layers(plan.skeleton, layout.layers_path)
+    return inputs, streams
+
+
+def write_module_state(writer: ShardedWriter, module: torch.nn.Module, prefix: str, skip: tuple[str, ...]) -> None:
+    """Every materialised tensor of a module under its model name (tied tensors once), except those under `skip`."""
+    seen: set[int] = set()
+    for name, tensor in module.state_dict().items():
+        full = prefix + name
+        if tensor.is_meta or full.startswith(skip) or tensor.data_ptr() in seen:
+            continue
+        seen.add(tensor.data_ptr())
+        writer.add(full, tensor)
+
+
+def convert_one_layer(
+    plan: ConversionPlan, options: ConvertOptions, run: ConversionRun, i: int, streams: Streams, layer_args: list
+) -> Streams:
+    """Layer i: its other tensors passed through, its attention calibrated, factorized, refit and written; returns
+    the hidden states entering layer i + 1."""
+    layout, method, compute = plan.layout, options.method, DTYPES[options.dtype]
+    layer_path = f"{layout.layers_path}.{i}"
+    layer = load_module(plan.skeleton, layer_path, plan.ckpt)
+    write_module_state(run.writer, layer, f"{layer_path}.", skip=(layout.attention_prefix(i) + ".",))
+    attention = layer.get_submodule(layout.attention_name)
+    run.state.out_dtype = str(next(attention.parameters()).dtype).removeprefix("torch.")
+    layer.to(device=options.device, dtype=compute)
+    source_run = run_layer(layer, attention, streams.source, layer_args, attn_in=True, attn_out=method.refit)
+    x = source_run.attn_in
+    if streams.converted is not None:
+        x = run_layer(layer, attention, streams.converted, layer_args, outputs=False).attn_in
+    src = read_attention(
+        layout,
+        attention,
+        plan.config,
+        rope_freqs=plan.rope_freqs,
+        rope_scaling=plan.rope_scaling,
+        calib_inputs=x if layout.qk_norm else None,
+    )
+    exact = is_exact(src, options.variant, plan.kv_dim, plan.v_dim)
+    sigma = second_moment(x)
+    mfa = convert_layer(src, sigma, options.variant, plan.kv_dim, plan.v_dim, method, plan.nope_context)
+    if method.refit and not exact:
+        mfa = refit_output(plan, options, run, i, mfa, src, x, source_run.attn_out, layer_args)
+    layer_config, tensors = write_converted(plan, options, run, i, mfa, src, sigma)
+    if method.sequential and not exact:
+        converted = mfa_module(plan.config, options.variant, layout, layer_config, tensors, i)
+        layer.set_submodule(layout.attention_name, converted.to(device=options.device, dtype=compute))
+        converted_stream = run_layer(layer, converted, streams.converted_or_source, layer_args).hidden
+    elif streams.converted is None:
+        converted_stream = None  # nothing converted has changed the hidden states yet
+    else:
+        converted_stream = run_layer(layer, attention, streams.converted, layer_args).hidden
+    layer.to("meta")
+    return Streams(source_run.hidden, converted_stream)
+
+
+def refit_plan(features: int, d: int, tokens: int, limit_gb: float) -> tuple[str, int, int]:
+    """How the output refit of a layer with `features` readout features runs within `limit_gb`: "statistics" (the
+    (n, n) sums), else "samples" (the calibration samples, kernel form), else "skip"; with its number of folds (one
+    where the ridge needs no validation) and the bytes of the cheaper way."""
+    folds = 1 if tokens >= TOKENS_PER_FEATURE_UNREGULARISED * features else READOUT_FOLDS
+    need = refit_memory(features, d, tokens, folds)
+    limit = limit_gb * 1e9
+    if need["statistics"] <= limit:
+        return "statistics", folds, need["statistics"]
+    if need["samples"] <= limit:
+        return "samples", folds, need["statistics"]
+    return "skip", folds, min(need.values())
+
+
+def refit_output(
+    plan: ConversionPlan,
+    options: ConvertOptions,
+    run: ConversionRun,
+    i: int,
+    mfa: fz.MFALayer,
+    src: fz.SourceAttention,
+    x: list[torch.Tensor],
+    target: list[torch.Tensor],
+    layer_args: list,
+) -> fz.MFALayer:
+    """Layer i's output projection refit on what the converted attention computes from its inputs `x` against the
+    source attention's outputs `target`, in the way its memory allows (`refit_plan`; each fallback noted once)."""
+    features = mfa.wo.shape[1] * mfa.wo.shape[2]
+    tokens = sum(b.numel() // b.shape[-1] for b in x)
+    way, folds, need = refit_plan(features, mfa.wo.shape[0], tokens, options.refit_memory_gb)
+    limit = options.refit_memory_gb
+    if way == "skip":
+        run.note_once(
+            "skip",
+            f"layer {i}: output refit skipped ({features} readout features need {need / 1e9:.1f} GB > "
+            f"refit_memory_gb {limit}); same for wider layers",
+        )
+        return mfa
+    if way == "samples":
+        run.note_once(
+            "samples",
+            f"layer {i}: output refit from the {tokens} calibration samples (its statistics would need "
+            f"{need / 1e9:.1f} GB > refit_memory_gb {limit}); same for wider layers",
+        )
+    layer_config = mfa_layer_config(mfa, src, None, plan.softcap)
+    tensors = mfa_tensors(plan.layout, i, mfa, src, torch.float32)
+    module = mfa_module(plan.config, options.variant, plan.layout, layer_config, tensors, i)
+    module.to(device=options.device, dtype=DTYPES[options.dtype])
+    if way == "samples":
+        return refit_from_samples(mfa, readout_samples(module, x, target, layer_args, src.bo, folds))[0]
+    return refit_from_statistics(mfa, readout_statistics(module, x, target, layer_args, src.bo, folds))[0]
+
+
+def write_converted(
+    plan: ConversionPlan,
+    options: ConvertOptions,
+    run: ConversionRun,
+    i: int,
+    mfa: fz.MFALayer,
+    src: fz.SourceAttention,
+    sigma: torch.Tensor,
+) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Balance the latent scales, factor the query if asked, and write layer i's converted tensors in the source's
+    dtype; returns its `mfa_layers` entry and the tensors."""
+    fz.balance_(mfa, sigma)
+    q_factors = fz.factor_query(mfa, sigma, options.share_q_dim) if options.share_q_dim else None
+    tensors = mfa_tensors(plan.layout, i, mfa, src, getattr(torch, run.state.out_dtype), q_factors)
+    for name, tensor in tensors.items():
+        run.writer.add(name, tensor)
+    layer_config = mfa_layer_config(mfa, src, q_factors[0].shape[0] if q_factors else None, plan.softcap)
+    run.state.layers.append(layer_config)
+    return layer_config, tensors
+
+
+def release_freed_memory() -> None:
+    """Hand the allocator's free pages back to the system between layers (glibc keeps them otherwise, and each
+    layer's float64 temporaries then fragment the heap into a slowly rising peak)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc: nothing to hand back this way
+
+
+def finish_checkpoint(
+    run: ConversionRun, plan: ConversionPlan, options: ConvertOptions, source: str | Path
+) -> MFAConfig:
+    """Close the last shard, drop the resume state, and write config.json (with how the checkpoint was made), the
+    modeling file and the source's tokenizer and generation files; returns the converted config."""
+    run.writer.finish()
+    shutil.rmtree(run.folder / RESUME_DIR)
+    settings = run.state.settings
+    conversion = {
+        "source": str(plan.folder.resolve()) if Path(source).is_dir() else str(source),
+        "family": plan.layout.family,
+        "approximate_qk_norm": bool(plan.layout.qk_norm),
+        **{k: settings[k] for k in RECORDED_SETTINGS},
+    }
+    config = MFAConfig(
+        text_config=plan.config.to_dict(),
+        variant=options.variant,
+        layers_path=plan.layout.layers_path,
+        attention_name=plan.layout.attention_name,
+        mfa_layers=run.state.layers,
+        conversion=conversion,
+        architectures=["MFAForCausalLM"],
+        dtype=run.state.out_dtype,
+    )
+    write_mfa_files(run.folder, plan.folder, config)
+    return config
+
+
+def summarize(out: Path, plan: ConversionPlan, config: MFAConfig, run: ConversionRun, seconds: float) -> ConvertSummary:
+    element = torch.tensor([], dtype=getattr(torch, run.state.out_dtype)).element_size()
+    cached = sum(config.cached_numbers_per_layer())
+    return ConvertSummary(
+        out=str(out),
+        variant=config.variant,
+        kv_dim=[c["kv_dim"] for c in config.mfa_layers],
+        kv_bytes_per_token_before=2 * plan.shape.num_kv_heads * plan.shape.head_dim * plan.n_layers * element,
+        kv_bytes_per_token_after=cached * element,
+        params_before=plan.ckpt.num_params(),
+        params_after=run.writer.elements,
+        calibration=run.state.settings["calibration"],
+        calibration_tokens=run.state.settings["calibration_tokens"],
+        seconds=seconds,
+    )
