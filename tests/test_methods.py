@@ -4,6 +4,7 @@ and that the default method (sequential calibration, refit, key share, NoPE) bea
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import math
 
@@ -267,3 +268,42 @@ def test_query_factorization_reaches_the_eckart_young_bound(variant):
         error = k.sqrt()[:, None] * (w - q_b.double() @ s_q)
         assert float(torch.trace(error @ sigma @ error.T)) == pytest.approx(float(bound[rank:].sum()), rel=1e-4)
         assert torch.equal(q_b[k == 0], torch.zeros_like(q_b[k == 0]))
+
+
+def key_groups(gains: list[tuple[bool, list[float]]]) -> list[fz.KeyGroup]:
+    """Key groups with the given (complex?, gains); only their gains and costs matter for the choice."""
+    empty = torch.zeros(0, 0)
+    return [
+        fz.KeyGroup(0.0, is_complex, torch.tensor(sorted(g, reverse=True)), empty, empty) for is_complex, g in gains
+    ]
+
+
+def best_by_enumeration(groups: list[fz.KeyGroup], budget: int) -> float:
+    best = 0.0
+    for counts in itertools.product(*[range(len(g.gains) + 1) for g in groups]):
+        if sum(c * g.cost for c, g in zip(counts, groups, strict=True)) <= budget:
+            best = max(best, sum(float(g.gains[:c].sum()) for c, g in zip(counts, groups, strict=True)))
+    return best
+
+
+def test_component_choice_beats_greedy_on_mixed_costs():
+    """Budget 2: a real group with gains [6, 1] against one pair of gain 10. By gain per channel the real channels
+    come first (6 > 10/2) and fill the budget with 7; the pair alone keeps 10."""
+    groups = key_groups([(False, [6.0, 1.0]), (True, [10.0])])
+    assert fz.choose_components(groups, 2) == [0, 1]
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_component_choice_is_optimal(seed):
+    """Against enumeration of every choice: within the budget, prefixes of each group, and the largest kept sum."""
+    gen = torch.Generator().manual_seed(seed)
+    shape = [(True, int(n)) for n in torch.randint(0, 4, (3,), generator=gen)] + [
+        (False, int(torch.randint(0, 6, (1,), generator=gen)))
+    ]
+    groups = key_groups([(c, torch.rand(n, generator=gen).mul(10).tolist()) for c, n in shape])
+    for budget in range(12):
+        counts = fz.choose_components(groups, budget)
+        assert all(0 <= c <= len(g.gains) for c, g in zip(counts, groups, strict=True))
+        assert sum(c * g.cost for c, g in zip(counts, groups, strict=True)) <= budget
+        kept = sum(float(g.gains[:c].sum()) for c, g in zip(counts, groups, strict=True))
+        assert kept == pytest.approx(best_by_enumeration(groups, budget), abs=1e-9)

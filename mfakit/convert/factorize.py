@@ -344,17 +344,32 @@ def key_spectrum(src: SourceAttention, sigma: Tensor) -> list[KeyGroup]:
 
 
 def choose_components(groups: list[KeyGroup], n_channels: int) -> list[int]:
-    """How many leading components of each group to keep within n_channels latent channels: greedy by kept energy
-    per channel, which is optimal for the summed error because each group's gains are sorted."""
-    candidates = [(gr.gains[k].item() / gr.cost, idx, k) for idx, gr in enumerate(groups) for k in range(len(gr.gains))]
-    candidates.sort(key=lambda c: -c[0])
+    """How many leading components of each group to keep within n_channels latent channels so that the summed kept
+    energy is largest (a knapsack with costs 2 for a pair, 1 for a real channel, solved exactly).
+
+    Each group's gains are sorted, so the best k pairs are the k largest pair gains over all complex groups (a
+    prefix of every group), and the best m real channels the m largest real gains; the optimum is the best of the
+    splits 2k + m <= n_channels, found in one pass over k.
+    """
+
+    def ranked(is_complex: bool) -> list[tuple[float, int]]:
+        # A stable sort on the gain alone keeps each group's components in order where gains tie.
+        found = [(float(g), idx) for idx, gr in enumerate(groups) if gr.is_complex == is_complex for g in gr.gains]
+        return sorted(found, key=lambda c: -c[0])
+
+    pairs, reals = ranked(True), ranked(False)
+    pair_sums, real_sums = [0.0], [0.0]
+    for gain, _ in pairs:
+        pair_sums.append(pair_sums[-1] + gain)
+    for gain, _ in reals:
+        real_sums.append(real_sums[-1] + gain)
+    best_k = max(
+        range(min(len(pairs), n_channels // 2) + 1),
+        key=lambda k: pair_sums[k] + real_sums[min(len(reals), n_channels - 2 * k)],
+    )
     counts = [0] * len(groups)
-    left = n_channels
-    for _, idx, k in candidates:
-        cost = groups[idx].cost
-        if k == counts[idx] and cost <= left:
-            counts[idx] += 1
-            left -= cost
+    for _, idx in pairs[:best_k] + reals[: min(len(reals), n_channels - 2 * best_k)]:
+        counts[idx] += 1
     return counts
 
 
