@@ -291,7 +291,11 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_eval_kv)
 
-    p = ev.add_parser("compare", help="table and plot of perplexity and KV bytes against the source")
+    p = ev.add_parser(
+        "compare",
+        help="table and plot of perplexity and KV bytes against the source; each --text-file is one domain, "
+        "with the geometric mean of the ratios over the domains",
+    )
     p.add_argument("source")
     p.add_argument("models", nargs="+")
     p.add_argument("--out", help="folder for compare.md, compare.json and compare.png")

@@ -111,6 +111,35 @@ def test_eval_compare_writes_table_and_plot(capsys, tiny, tmp_path):
     assert (results / "compare.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_eval_compare_scores_each_text_as_a_domain(capsys, tiny, tmp_path):
+    """Two texts are two domains: each model's ratio per domain against the source's perplexity there, and their
+    geometric mean; the same text given whole scores as the domain did."""
+    from mfakit.texts import builtin_texts
+
+    src = tiny("llama-gqa")
+    out = tmp_path / "kr"
+    assert main(["convert", str(src), str(out), "--variant", "mfa-kr", "--kv-ratio", "0.25", *CALIB]) == 0
+    held_out = builtin_texts("pydoc", "evaluation")
+    (tmp_path / "first.txt").write_text("\n\n".join(held_out[:8]))
+    (tmp_path / "second.txt").write_text("\n\n".join(held_out[8:]))
+    texts = [str(tmp_path / "first.txt"), str(tmp_path / "second.txt")]
+    common = ["--seq-len", "64", "--max-tokens", "640", "--out", str(tmp_path / "results")]
+    assert main(["eval", "compare", str(src), str(out), "--text-file", *texts, *common]) == 0
+    rows = json.loads((tmp_path / "results" / "compare.json").read_text())
+    ratios = [d["ppl_ratio"] for d in rows[1]["domains"].values()]
+    assert list(rows[1]["domains"]) == ["first", "second"] and len(set(ratios)) == 2
+    assert rows[1]["ppl_ratio"] == pytest.approx(math.sqrt(ratios[0] * ratios[1]))
+    for name, domain in rows[1]["domains"].items():
+        assert domain["ppl"] == pytest.approx(rows[0]["domains"][name]["ppl"] * domain["ppl_ratio"])
+    capsys.readouterr()
+    assert (
+        main(["eval", "ppl", str(out), "--text-file", texts[1], "--seq-len", "64", "--max-tokens", "640", "--json"])
+        == 0
+    )
+    assert json.loads(capsys.readouterr().out)["ppl"] == pytest.approx(rows[1]["domains"]["second"]["ppl"])
+    assert "geo-mean" in (tmp_path / "results" / "compare.md").read_text()
+
+
 def test_eval_bad_inputs(capsys, tiny, tmp_path):
     model = str(tiny("llama-gqa"))
     (tmp_path / "empty.txt").write_text("  \n")
