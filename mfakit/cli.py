@@ -200,7 +200,13 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
     budget.add_argument("--kv-ratio", type=float, help="KV cache relative to the source's (1.0: exact)")
     budget.add_argument("--kv-dim", type=int, help="latent width C of every layer")
     p.add_argument("--share-q-dim", type=int, help="rank of the shared query down-projection (default: unfactored)")
-    p.add_argument("--calib", default=CONVERT["calibration"], help="calibration text spec (default: %(default)s)")
+    p.add_argument(
+        "--calib",
+        nargs="+",
+        default=list(CONVERT["calibration"]),
+        metavar="SPEC",
+        help="calibration text specs, mixed in equal shares (default: %(default)s)",
+    )
     p.add_argument("--calib-tokens", type=int, default=CONVERT["calibration_tokens"], help="(default: %(default)s)")
     p.add_argument("--calib-seq-len", type=int, default=CONVERT["calibration_seq_len"], help="(default: %(default)s)")
     m = p.add_argument_group("method below the exact budget (docs/method.md)")

@@ -193,3 +193,28 @@ def test_console_script(tiny, tmp_path):
     result = subprocess.run(cmd, capture_output=True, text=True, check=True)
     assert "KV cache per token: 1,024 -> 512 bytes" in result.stdout
     assert (out / "config.json").exists()
+
+
+def test_calibration_texts_are_mixed_in_equal_shares(tiny, tokenizer, tmp_path):
+    """Two calibration texts give half of the windows each (the second half comes from the second text), and the
+    converted checkpoint records both with their checksums."""
+    from mfakit.convert.calibration import calibration_batches
+
+    code = tmp_path / "code.txt"
+    code.write_text(Path(json.__file__).read_text() * 4)
+    batches, described = calibration_batches(tokenizer, ("builtin:pydoc", f"file:{code}"), 1024, 128)
+    windows = torch.cat(batches)
+    assert windows.shape == (8, 128) and described.startswith("builtin:pydoc [") and f"file:{code} [" in described
+    code_ids = tokenizer(code.read_text(), add_special_tokens=False)["input_ids"]
+    starts = [i for i in range(len(code_ids) - 127) if code_ids[i : i + 128] == windows[4].tolist()]
+    assert starts, "the second half of the windows comes from the second text"
+    out = convert_cli(
+        tiny("llama-gqa"),
+        tmp_path / "mixed",
+        "mfa-kr",
+        "--kv-ratio",
+        "0.5",
+        extra=("--calib", "builtin:pydoc", str(code)),
+    )
+    record = json.loads((out / "config.json").read_text())["conversion"]
+    assert record["calibration"] == described and record["calibration_tokens"] == 2048

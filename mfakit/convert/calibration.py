@@ -262,13 +262,20 @@ class Streams:
         return self.source if self.converted is None else self.converted
 
 
-def calibration_batches(tokenizer, spec: str, tokens: int, seq_len: int) -> tuple[list[torch.Tensor], str]:
-    """The calibration text as batches of token windows (about `tokens` tokens in windows of `seq_len`, spread
-    evenly over the text), and a description of the text with its checksum."""
-    source = parse_text_spec(spec)
-    texts = load_texts(source, part="calibration")
-    windows = spread_windows(tokenize(tokenizer, texts), seq_len, max(1, tokens // seq_len))
-    return list(windows.split(CALIBRATION_BATCH)), f"{source} [{fingerprint(texts)}]"
+def calibration_batches(tokenizer, specs: tuple[str, ...], tokens: int, seq_len: int) -> tuple[list[torch.Tensor], str]:
+    """The calibration texts as batches of token windows: about `tokens` tokens in windows of `seq_len`, in equal
+    shares of the texts (the first ones take the remainder), each share spread evenly over its text; and a
+    description of the texts with their checksums."""
+    n_windows = max(1, tokens // seq_len)
+    windows, described = [], []
+    for k, spec in enumerate(specs):
+        source = parse_text_spec(spec)
+        texts = load_texts(source, part="calibration")
+        share = n_windows // len(specs) + (k < n_windows % len(specs))
+        if share:
+            windows.append(spread_windows(tokenize(tokenizer, texts), seq_len, share))
+        described.append(f"{source} [{fingerprint(texts)}]")
+    return list(torch.cat(windows).split(CALIBRATION_BATCH)), " + ".join(described)
 
 
 def _readout_pairs(

@@ -75,8 +75,9 @@ class ConvertOptions:
     """Everything `convert` takes besides the source and output folders; checked when made, before any download.
 
     variant: "mfa" or "mfa-kr". kv_ratio (KV cache relative to the source's, 1.0: exact) or kv_dim (the latent
-    width C): exactly one. share_q_dim: rank of a shared query down-projection (None: unfactored). calibration: a
-    text spec (see `mfakit.texts`), read for calibration_tokens tokens in windows of calibration_seq_len.
+    width C): exactly one. share_q_dim: rank of a shared query down-projection (None: unfactored). calibration:
+    one or more text specs (see `mfakit.texts`; several are mixed in equal shares), read for calibration_tokens
+    tokens in windows of calibration_seq_len.
     device, dtype: where and in which precision the calibration forward passes run (converted tensors keep the
     source's dtype). approximate_qk_norm: allow QK-norm families (folded norms: never exact). max_shard_mb: output
     shard size. refit_memory_gb: memory for the output refit (statistics, else samples, else skipped). overwrite:
@@ -88,7 +89,7 @@ class ConvertOptions:
     kv_dim: int | None = None
     share_q_dim: int | None = None
     method: ConversionMethod = field(default_factory=ConversionMethod)
-    calibration: str = "builtin:pydoc"
+    calibration: tuple[str, ...] = ("builtin:pydoc",)
     calibration_tokens: int = 16384
     calibration_seq_len: int = 512
     device: str = "cpu"
@@ -101,6 +102,11 @@ class ConvertOptions:
     progress: bool = True
 
     def __post_init__(self) -> None:
+        if isinstance(self.calibration, str):
+            object.__setattr__(self, "calibration", (self.calibration,))
+        object.__setattr__(self, "calibration", tuple(self.calibration))
+        if not self.calibration:
+            raise OptionsError("give at least one calibration text")
         if self.variant not in VARIANTS:
             raise OptionsError(f"variant must be one of {', '.join(VARIANTS)}, got {self.variant!r}")
         if (self.kv_ratio is None) == (self.kv_dim is None):
@@ -122,7 +128,8 @@ class ConvertOptions:
             raise OptionsError(f"the shard size must be positive, got {self.max_shard_mb} MiB")
         if not self.refit_memory_gb > 0:
             raise OptionsError(f"refit_memory_gb must be positive, got {self.refit_memory_gb}")
-        parse_text_spec(self.calibration)
+        for spec in self.calibration:
+            parse_text_spec(spec)
 
     @property
     def max_shard_bytes(self) -> int:
