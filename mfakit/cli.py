@@ -10,8 +10,9 @@ import sys
 from dataclasses import MISSING, asdict, fields
 from pathlib import Path
 
+from mfakit.checkpoint import CheckpointError
 from mfakit.convert import PLAIN_METHOD, ConversionMethod, ConvertOptions
-from mfakit.errors import MfakitError
+from mfakit.errors import MfakitError, OptionsError
 from mfakit.finetune import FinetuneOptions
 from mfakit.model.modeling_mfa import VARIANTS
 from mfakit.texts import BUILTINS, TextSource, TextSourceError
@@ -133,9 +134,11 @@ def cmd_import_gguf(args: argparse.Namespace) -> None:
 
 def cmd_eval_ppl(args: argparse.Namespace) -> None:
     from mfakit.eval import evaluation_ids, perplexity
+    from mfakit.eval.ppl import check_windows
     from mfakit.loading import load_model, load_tokenizer
 
     sources = _text_sources(args)
+    check_windows(args.seq_len, args.stride, args.max_tokens, args.batch_size)
     model = load_model(args.model, args.device, args.dtype)
     ids, text = evaluation_ids(load_tokenizer(args.model), sources, args.max_tokens)
     result = perplexity(
@@ -154,6 +157,8 @@ def cmd_eval_kv(args: argparse.Namespace) -> None:
     from mfakit.eval import kv_report
     from mfakit.loading import load_model
 
+    if args.context < 1 or args.batch < 1:
+        raise OptionsError("--context and --batch must be positive")
     paths = [args.model, args.baseline] if args.baseline else [args.model]
     reports = [kv_report(load_model(p, args.device, args.dtype), args.context, args.batch, name=p) for p in paths]
     if args.json:
@@ -172,7 +177,11 @@ def cmd_eval_kv(args: argparse.Namespace) -> None:
 
 def cmd_eval_compare(args: argparse.Namespace) -> None:
     from mfakit.eval.compare import compare, markdown_table, write_outputs
+    from mfakit.eval.ppl import check_windows
 
+    check_windows(args.seq_len, args.stride, args.max_tokens, args.batch_size)
+    if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
+        raise CheckpointError(f"{args.out} exists and is not a folder")
     rows = compare(
         args.source,
         args.models,
@@ -272,6 +281,7 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--save-every", type=int, default=d["save_every"], help="resumable state every N steps (0: never)")
     p.add_argument("--resume", action="store_true", help="continue the run in OUT from its last saved state")
+    p.add_argument("--overwrite", action="store_true", help="replace a finished fine-tune in OUT")
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--seed", type=int, default=d["seed"])
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -334,6 +344,15 @@ def main(argv: list[str] | None = None) -> int:
     except MfakitError as err:
         print(f"mfakit: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # the file system's refusals (disk full, read-only, permissions) name their file
+        print(
+            f"mfakit: error: {err.filename or ''}{': ' if err.filename else ''}{err.strerror or err}", file=sys.stderr
+        )
+        return 2
+    except KeyboardInterrupt:
+        resumable = args.command in ("convert", "finetune")
+        print(f"mfakit: interrupted{'; rerun with --resume to continue' if resumable else ''}", file=sys.stderr)
+        return 130
     return 0
 
 

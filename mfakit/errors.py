@@ -13,7 +13,9 @@ class OptionsError(MfakitError):
 
 
 def first_line(err: BaseException) -> str:
-    """The first line of an exception's message, or its type name when the message is empty (for wrapping a
-    library's multi-line error into one line)."""
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
+    """The first line of an exception's message (with the next one when the first only introduces it, ending in a
+    colon), or its type name when the message is empty: a library's multi-line error as one line."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    if not lines:
+        return type(err).__name__
+    return f"{lines[0]} {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]

@@ -12,7 +12,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 from mfakit.checkpoint import CheckpointError, LazyCheckpoint
-from mfakit.errors import MfakitError
+from mfakit.errors import MfakitError, first_line
 
 
 class UnsupportedModelError(MfakitError):
@@ -182,6 +182,17 @@ def check_attention(layout: AttentionLayout, skeleton: nn.Module, ckpt: LazyChec
                 raise CheckpointError(f"{ckpt.folder}: tensor {prefix}.{name} is missing")
 
 
+def check_shapes(skeleton: nn.Module, ckpt: LazyCheckpoint) -> None:
+    """Name the first tensor whose stored shape is not the one the config implies, before any work is done (tensors
+    the family's loader assembles from differently named ones, such as fused MoE experts, are checked on loading)."""
+    for name, param in skeleton.named_parameters():
+        if name in ckpt and ckpt.shape(name) != tuple(param.shape):
+            raise CheckpointError(
+                f"{ckpt.folder}: tensor {name} has shape {list(ckpt.shape(name))}, but the config implies "
+                f"{list(param.shape)}"
+            )
+
+
 def rope_parameters(layout: AttentionLayout, config, skeleton: nn.Module) -> tuple[torch.Tensor, float]:
     """RoPE frequencies (P,) and the cos/sin scaling of the source, from its own rotary module (none: P = 0)."""
     if layout.rotary_path is None:
@@ -220,6 +231,16 @@ def describe(layout: AttentionLayout, config, shape: HeadShape, rope_pairs: int)
 
 def meta_skeleton(config) -> nn.Module:
     """The source causal LM with every tensor on the meta device: structure and classes, no memory. In eval mode:
-    calibration must not see dropout (GPT-2 and OPT configs default to 0.1)."""
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config).eval()
+    calibration must not see dropout (GPT-2 and OPT configs default to 0.1). A config that builds no model (zero or
+    missing heads, widths that do not divide) is a one-line error."""
+    if not getattr(config, "num_hidden_layers", 1) or config.num_hidden_layers < 1:
+        raise UnsupportedModelError(f"{config.model_type}: the config's num_hidden_layers must be at least 1")
+    try:
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config, trust_remote_code=False).eval()
+    except (ValueError, TypeError, AttributeError, ZeroDivisionError, KeyError, IndexError, RuntimeError) as err:
+        # The family's own constructor judges its config; whatever it raises means the config is unusable.
+        raise UnsupportedModelError(
+            f"{config.model_type}: the config does not describe a model transformers can build "
+            f"({type(err).__name__}: {first_line(err)})"
+        ) from err

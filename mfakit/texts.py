@@ -2,16 +2,23 @@
 
 A text spec is one of
     builtin:pydoc                      the documentation topics of the standard library (`pydoc_data.topics`)
+    builtin:stdlib                     the standard library's source code (every module outside its tests)
+    builtin:docstrings                 the docstrings of those modules (prose about code)
     file:PATH  (or just PATH)          a plain text file; .json/.jsonl/.parquet/.csv files go through `datasets`
     dataset:NAME[:CONFIG[:SPLIT]]      anything `datasets.load_dataset` resolves (a hub name, a local folder)
 
-The built-in corpus is split into a calibration part and a held-out evaluation part that share no text: the topics,
-sorted by name, whose index is 2 modulo 5 are the evaluation part (16 of 79 topics in Python 3.11, about 22% of the
-text), all others the calibration part. Calibration and fine-tuning read the calibration part, evaluation the other.
+Every built-in corpus ships with Python and is split into a calibration part and a held-out evaluation part that
+share no document: the documents (topics by name, modules by path), sorted, whose index is 2 modulo 5 are the
+evaluation part (16 of 79 topics in Python 3.11), all others the calibration part. Calibration and fine-tuning read
+the calibration part, evaluation the other. The source-code corpora are large (12 MB); a reader that needs less
+text takes an evenly spread sample of their documents.
 """
 
 from __future__ import annotations
 
+import ast
+import os
+import sysconfig
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +27,8 @@ import torch
 
 from mfakit.errors import MfakitError, first_line
 
-BUILTINS = ("pydoc",)
+BUILTINS = ("pydoc", "stdlib", "docstrings")
+STDLIB_SKIPPED = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
 PARTS = ("calibration", "evaluation")
 DATASET_SUFFIXES = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 
@@ -65,17 +73,62 @@ def parse_text_spec(spec: str, text_column: str = "text") -> TextSource:
     )
 
 
-def builtin_texts(name: str, part: str) -> list[str]:
-    """The documents of one part of a built-in corpus (see the module docstring for the split)."""
+def builtin_texts(name: str, part: str, max_chars: int | None = None) -> list[str]:
+    """The documents of one part of a built-in corpus (see the module docstring for the split); a source-code
+    corpus gives an evenly spread sample of its documents of about `max_chars` characters when that is less."""
     if name not in BUILTINS:
         raise TextSourceError(f"unknown built-in corpus {name!r} (known: {', '.join(BUILTINS)})")
     if part not in PARTS:
         raise ValueError(f"part must be one of {PARTS}")
-    from pydoc_data.topics import topics
-
-    keys = sorted(topics)
     held_out = part == "evaluation"
-    return [topics[k] for i, k in enumerate(keys) if (i % 5 == 2) == held_out]
+    if name == "pydoc":
+        from pydoc_data.topics import topics
+
+        return [topics[k] for i, k in enumerate(sorted(topics)) if (i % 5 == 2) == held_out]
+    files = [f for i, f in enumerate(stdlib_modules()) if (i % 5 == 2) == held_out]
+    read = _read_source if name == "stdlib" else _docstrings
+    texts: dict[int, str] = {}
+    total = 0
+    for index in _spread_order(len(files)):
+        text = read(files[index])
+        if text.strip():
+            texts[index] = text
+            total += len(text)
+        if max_chars is not None and total >= max_chars:
+            break
+    return [texts[i] for i in sorted(texts)]
+
+
+def stdlib_modules() -> list[Path]:
+    """The standard library's .py files outside its test folders, sorted by their path inside the library."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    found = []
+    for folder, subfolders, names in os.walk(root):
+        subfolders[:] = [d for d in subfolders if d not in STDLIB_SKIPPED]
+        found += [Path(folder) / n for n in names if n.endswith(".py")]
+    return sorted(found, key=lambda p: p.relative_to(root).as_posix())
+
+
+def _spread_order(n: int) -> list[int]:
+    """0..n-1 in an order whose every prefix is spread evenly over the range (van der Corput: bit-reversed)."""
+    bits = max(1, (n - 1).bit_length())
+    order = sorted(range(1 << bits), key=lambda i: int(f"{i:0{bits}b}"[::-1], 2))
+    return [i for i in order if i < n]
+
+
+def _read_source(path: Path) -> str:
+    return path.read_text(encoding="utf-8", errors="replace")
+
+
+def _docstrings(path: Path) -> str:
+    """The module, class and function docstrings of a Python file, in file order, as one text."""
+    try:
+        tree = ast.parse(_read_source(path))
+    except (SyntaxError, ValueError):
+        return ""
+    kinds = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+    docs = [ast.get_docstring(node, clean=True) for node in ast.walk(tree) if isinstance(node, kinds)]
+    return "\n\n".join(d.strip() for d in docs if d and d.strip())
 
 
 def _dataset_texts(
@@ -97,10 +150,11 @@ def _dataset_texts(
     return [t for t in ds[column] if isinstance(t, str) and t]
 
 
-def load_texts(source: TextSource, part: str = "calibration") -> list[str]:
-    """The documents of a text source. `part` chooses the side of a built-in corpus; other sources are read whole."""
+def load_texts(source: TextSource, part: str = "calibration", max_chars: int | None = None) -> list[str]:
+    """The documents of a text source. `part` chooses the side of a built-in corpus (and `max_chars` the size of a
+    source-code corpus's sample); other sources are read whole."""
     if source.kind == "builtin":
-        texts = builtin_texts(source.name, part)
+        texts = builtin_texts(source.name, part, max_chars)
     elif source.kind == "file":
         path = Path(source.name)
         if not path.is_file():

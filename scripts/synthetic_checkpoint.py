@@ -17,8 +17,9 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig
 
-from mfakit.checkpoint import ShardedWriter, atomic_folder
+from mfakit.checkpoint import ShardedWriter
 from mfakit.loading import DTYPES
+from mfakit.outputs import atomic_folder
 from mfakit.texts import train_bpe_tokenizer
 
 
@@ -80,6 +81,7 @@ def write_synthetic(out: Path, config: LlamaConfig, shards: int, seed: int = 0, 
             else:
                 tensor = torch.randn(shape, generator=generator) / math.sqrt(shape[1])
             writer.add(name, tensor.to(element))
+        writer.close()
         writer.finish()
         config.save_pretrained(tmp)
         train_bpe_tokenizer(config.vocab_size).save_pretrained(tmp)

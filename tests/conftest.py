@@ -9,7 +9,24 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, PreTrainedTokenizerFast, Qwen2Config
+from transformers import (
+    AutoModelForCausalLM,
+    FalconConfig,
+    Gemma2Config,
+    GemmaConfig,
+    GPT2Config,
+    GPTNeoXConfig,
+    LlamaConfig,
+    MistralConfig,
+    MixtralConfig,
+    Olmo2Config,
+    OPTConfig,
+    Phi3Config,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2MoeConfig,
+    Qwen3Config,
+)
 
 import mfakit  # noqa: F401  (registers the MFA classes)
 from mfakit.cli import main
@@ -80,6 +97,86 @@ def tiny(tmp_path_factory, tokenizer):
     return get
 
 
+# Every supported family, tiny (2 layers, hidden 64), built from its transformers config class.
+COMMON = dict(vocab_size=VOCAB, num_hidden_layers=2, eos_token_id=1, pad_token_id=1, bos_token_id=None)
+LLAMA_LIKE = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, max_position_embeddings=256)
+FAMILIES = {
+    "gpt2": (GPT2Config, dict(n_embd=64, n_head=4, n_positions=256)),
+    "gpt-neox": (
+        GPTNeoXConfig,
+        dict(
+            **LLAMA_LIKE, rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}
+        ),
+    ),
+    "phi3": (Phi3Config, dict(**LLAMA_LIKE, num_key_value_heads=2)),
+    "gemma": (GemmaConfig, dict(**LLAMA_LIKE, num_key_value_heads=1, head_dim=32)),
+    "gemma2": (
+        Gemma2Config,
+        dict(
+            **LLAMA_LIKE,
+            num_key_value_heads=2,
+            head_dim=32,
+            query_pre_attn_scalar=24,
+            attn_logit_softcapping=20.0,
+            sliding_window=16,
+        ),
+    ),
+    "opt": (OPTConfig, dict(hidden_size=64, ffn_dim=128, num_attention_heads=4, word_embed_proj_dim=64)),
+    "falcon-gqa": (
+        FalconConfig,
+        dict(hidden_size=64, num_attention_heads=4, num_kv_heads=2, new_decoder_architecture=True, bias=True),
+    ),
+    "falcon-mqa": (FalconConfig, dict(hidden_size=64, num_attention_heads=4, multi_query=True, parallel_attn=True)),
+    "mixtral": (MixtralConfig, dict(**LLAMA_LIKE, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)),
+    "qwen2-moe": (
+        Qwen2MoeConfig,
+        dict(
+            **LLAMA_LIKE,
+            num_key_value_heads=2,
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+            shared_expert_intermediate_size=32,
+        ),
+    ),
+}
+QK_NORM = {
+    "qwen3": (Qwen3Config, dict(**LLAMA_LIKE, num_key_value_heads=2, head_dim=16)),
+    "olmo2": (Olmo2Config, dict(**LLAMA_LIKE, num_key_value_heads=2)),
+}
+PEAKED = ("q_proj.weight", "k_proj.weight", "c_attn.weight", "query_key_value.weight", "qkv_proj.weight")
+
+
+def build_family(kind: str, folder: Path, tokenizer) -> Path:
+    """A tiny random checkpoint of one family of the family table, saved with the test tokenizer."""
+    config_class, extra = {**FAMILIES, **QK_NORM}[kind]
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config_class(**COMMON, **extra))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(PEAKED):
+                p.mul_(4.0)  # peaked attention, so that approximation errors show in the logits
+            if name.endswith("bias"):
+                p.normal_(0, 0.1)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def family(tokenizer, tmp_path_factory):
+    cache: dict[str, Path] = {}
+
+    """family(kind) -> path of a tiny checkpoint of that family (built once per session)."""
+
+    def get(kind: str) -> Path:
+        if kind not in cache:
+            cache[kind] = build_family(kind, tmp_path_factory.mktemp(kind), tokenizer)
+        return cache[kind]
+
+    return get
+
+
 @pytest.fixture(scope="session")
 def trained_tiny(tiny, tmp_path_factory) -> Path:
     """The tiny GQA model after 60 steps of language-model training on the built-in text: unlike a random model it
@@ -139,13 +236,22 @@ def greedy(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int = 16) -> t
 
 
 def assert_generates_its_own_argmax(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int = 16) -> None:
-    """Greedy generation through the cache produces `new_tokens` tokens, each the argmax of one uncached forward
-    pass over everything before it: the cached decoding path agrees with the model's own logits."""
-    out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=1)
-    assert out.shape == (ids.shape[0], ids.shape[1] + new_tokens)
+    """Greedy generation through the cache produces `new_tokens` tokens, and the logits of every cached decoding
+    step equal those of one uncached forward pass over everything before it (1e-4): the cached decoding path
+    agrees with the model's own logits."""
+    out = model.generate(
+        ids,
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        pad_token_id=1,
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
+    assert out.sequences.shape == (ids.shape[0], ids.shape[1] + new_tokens)
     with torch.no_grad():
-        full = model(out[:, :-1]).logits
-    assert torch.equal(full[:, ids.shape[1] - 1 :].argmax(-1), out[:, ids.shape[1] :])
+        full = model(out.sequences[:, :-1]).logits[:, ids.shape[1] - 1 :]
+    assert (full - torch.stack(out.logits, 1)).abs().max() <= 1e-4
 
 
 def one_error_line(capsys, argv: list[str]) -> str:

@@ -14,23 +14,15 @@ from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     FalconConfig,
-    Gemma2Config,
-    GemmaConfig,
-    GPT2Config,
-    GPTNeoXConfig,
-    MixtralConfig,
-    Olmo2Config,
-    OPTConfig,
-    Phi3Config,
-    Qwen2MoeConfig,
-    Qwen3Config,
 )
 
 from mfakit.convert.factorize import fold_qk_norm
 from mfakit.families import find_layout, head_shape, meta_skeleton
 from tests.conftest import (
     CALIB,
-    VOCAB,
+    COMMON,
+    FAMILIES,
+    QK_NORM,
     assert_generates_its_own_argmax,
     convert_cli,
     greedy,
@@ -39,81 +31,6 @@ from tests.conftest import (
     one_error_line,
     sample_ids,
 )
-
-COMMON = dict(vocab_size=VOCAB, num_hidden_layers=2, eos_token_id=1, pad_token_id=1, bos_token_id=None)
-LLAMA_LIKE = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, max_position_embeddings=256)
-FAMILIES = {
-    "gpt2": (GPT2Config, dict(n_embd=64, n_head=4, n_positions=256)),
-    "gpt-neox": (
-        GPTNeoXConfig,
-        dict(
-            **LLAMA_LIKE, rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}
-        ),
-    ),
-    "phi3": (Phi3Config, dict(**LLAMA_LIKE, num_key_value_heads=2)),
-    "gemma": (GemmaConfig, dict(**LLAMA_LIKE, num_key_value_heads=1, head_dim=32)),
-    "gemma2": (
-        Gemma2Config,
-        dict(
-            **LLAMA_LIKE,
-            num_key_value_heads=2,
-            head_dim=32,
-            query_pre_attn_scalar=24,
-            attn_logit_softcapping=20.0,
-            sliding_window=16,
-        ),
-    ),
-    "opt": (OPTConfig, dict(hidden_size=64, ffn_dim=128, num_attention_heads=4, word_embed_proj_dim=64)),
-    "falcon-gqa": (
-        FalconConfig,
-        dict(hidden_size=64, num_attention_heads=4, num_kv_heads=2, new_decoder_architecture=True, bias=True),
-    ),
-    "falcon-mqa": (FalconConfig, dict(hidden_size=64, num_attention_heads=4, multi_query=True, parallel_attn=True)),
-    "mixtral": (MixtralConfig, dict(**LLAMA_LIKE, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)),
-    "qwen2-moe": (
-        Qwen2MoeConfig,
-        dict(
-            **LLAMA_LIKE,
-            num_key_value_heads=2,
-            num_experts=4,
-            num_experts_per_tok=2,
-            moe_intermediate_size=32,
-            shared_expert_intermediate_size=32,
-        ),
-    ),
-}
-QK_NORM = {
-    "qwen3": (Qwen3Config, dict(**LLAMA_LIKE, num_key_value_heads=2, head_dim=16)),
-    "olmo2": (Olmo2Config, dict(**LLAMA_LIKE, num_key_value_heads=2)),
-}
-PEAKED = ("q_proj.weight", "k_proj.weight", "c_attn.weight", "query_key_value.weight", "qkv_proj.weight")
-
-
-def build(kind: str, folder: Path, tokenizer) -> Path:
-    config_class, extra = {**FAMILIES, **QK_NORM}[kind]
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config_class(**COMMON, **extra))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(PEAKED):
-                p.mul_(4.0)  # peaked attention, so that approximation errors show in the logits
-            if name.endswith("bias"):
-                p.normal_(0, 0.1)
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def family(tokenizer, tmp_path_factory):
-    cache: dict[str, Path] = {}
-
-    def get(kind: str) -> Path:
-        if kind not in cache:
-            cache[kind] = build(kind, tmp_path_factory.mktemp(kind), tokenizer)
-        return cache[kind]
-
-    return get
 
 
 def convert(src: Path, out: Path, variant: str, ratio: str, *extra: str) -> Path:

@@ -26,6 +26,9 @@ from mfakit.convert.readout import ReadoutSamples, ReadoutStats
 from mfakit.texts import fingerprint, load_texts, parse_text_spec, spread_windows, tokenize
 
 CALIBRATION_BATCH = 8  # sequences per forward pass
+# Characters of a large built-in corpus read per calibration token wanted: about 3-4 characters make a token, and
+# the windows are spread over a text several times longer than they need.
+CHARS_PER_TOKEN_SAMPLED = 16
 
 
 def _rebuild_meta_buffers(module: nn.Module, init: Callable[[nn.Module], None]) -> None:
@@ -88,6 +91,9 @@ def load_module(
     missing = [n for n, p in module.named_parameters() if p.is_meta and not (prefix + n).startswith(exclude or "\0")]
     if missing:
         raise CheckpointError(f"{ckpt.folder}: tensor {prefix}{missing[0]} is missing")
+    for name, tensor in module.state_dict().items():
+        if not tensor.is_meta and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(f"{ckpt.folder}: tensor {prefix}{name} holds NaN or infinite values")
     _rebuild_meta_buffers(module, skeleton._init_weights)
     return module
 
@@ -270,8 +276,8 @@ def calibration_batches(tokenizer, specs: tuple[str, ...], tokens: int, seq_len:
     windows, described = [], []
     for k, spec in enumerate(specs):
         source = parse_text_spec(spec)
-        texts = load_texts(source, part="calibration")
         share = n_windows // len(specs) + (k < n_windows % len(specs))
+        texts = load_texts(source, part="calibration", max_chars=CHARS_PER_TOKEN_SAMPLED * share * seq_len)
         if share:
             windows.append(spread_windows(tokenize(tokenizer, texts), seq_len, share))
         described.append(f"{source} [{fingerprint(texts)}]")

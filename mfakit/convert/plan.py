@@ -9,16 +9,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from torch import nn
 from transformers import AutoConfig
 
-from mfakit.checkpoint import LazyCheckpoint, resolve_checkpoint
+from mfakit.checkpoint import CheckpointError, LazyCheckpoint, resolve_checkpoint
 from mfakit.convert import factorize as fz
-from mfakit.errors import OptionsError
+from mfakit.errors import OptionsError, first_line
 from mfakit.families import (
     AttentionLayout,
     HeadShape,
     check_attention,
+    check_shapes,
     describe,
     find_layout,
     head_shape,
@@ -26,6 +28,7 @@ from mfakit.families import (
     meta_skeleton,
     rope_parameters,
 )
+from mfakit.loading import check_device
 from mfakit.model.modeling_mfa import VARIANTS
 from mfakit.texts import parse_text_spec
 
@@ -122,6 +125,7 @@ class ConvertOptions:
                 f"calibration_tokens ({self.calibration_tokens}) must be at least one window of "
                 f"calibration_seq_len ({self.calibration_seq_len}), which must be positive"
             )
+        check_device(self.device)
         if self.dtype not in COMPUTE_DTYPES:
             raise OptionsError(f"dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {self.dtype!r}")
         if not self.max_shard_mb > 0:
@@ -165,10 +169,16 @@ def plan_widths(
         if kv_ratio == 1:
             return (key_width, value_width) if variant == "mfa" else (exact, 0)
         total = kv_ratio * source
+        keys = total if variant == "mfa-kr" else key_fraction * total
+        if round(keys / 2) < 1 or (variant == "mfa" and round(total) - min(_even(keys), key_width) < 1):
+            raise BudgetError(
+                f"kv_ratio {kv_ratio} leaves {total:.2f} cached numbers per token and layer: below one RoPE channel "
+                "pair of keys (and, for MFA, one value channel)"
+            )
         if variant == "mfa-kr":
             return _even(total), 0
-        C = min(_even(key_fraction * total), key_width)
-        return C, max(1, min(value_width, round(total) - C))
+        C = min(_even(keys), key_width)
+        return C, min(value_width, round(total) - C)
     if kv_dim > exact:
         raise BudgetError(f"kv_dim {kv_dim} is above the exact budget of this model ({variant}: C = {exact})")
     if kv_dim < 2 or kv_dim % 2:
@@ -234,22 +244,37 @@ class ConversionPlan:
         ]
 
 
+def read_config(folder: Path):
+    """The source's config (a one-line error for a config.json that transformers cannot read); never runs code
+    from the folder."""
+    try:
+        return AutoConfig.from_pretrained(folder, trust_remote_code=False)
+    except (OSError, ValueError, KeyError, TypeError, StrictDataclassError) as err:
+        raise CheckpointError(f"{folder / 'config.json'}: {first_line(err)}") from err
+
+
 def plan_conversion(source: str | Path, options: ConvertOptions) -> ConversionPlan:
     """Resolve the source, recognise its family, check that every attention tensor is there and settle the widths;
     reads configs and tensor names only."""
     folder = resolve_checkpoint(source)
-    config = AutoConfig.from_pretrained(folder)
+    config = read_config(folder)
     layout = find_layout(config, options.approximate_qk_norm)
     ckpt = LazyCheckpoint(folder)
     skeleton = meta_skeleton(config)
     base = skeleton.base_model_prefix
     ckpt.add_base_prefix(base, tuple(f"{name}." for name, _ in skeleton.named_children() if name != base))
+    check_shapes(skeleton, ckpt)
     check_attention(layout, skeleton, ckpt, config.num_hidden_layers)
     rope_freqs, rope_scaling = rope_parameters(layout, config, skeleton)
     shape = head_shape(layout, skeleton.get_submodule(layout.attention_prefix(0)), config)
     kv_width = shape.num_kv_heads * shape.head_dim
     key_share = options.method.key_share(options.variant)
     kv_dim, v_dim = plan_widths(options.variant, kv_width, kv_width, options.kv_ratio, options.kv_dim, key_share)
+    d1 = config.hidden_size + 1
+    if options.share_q_dim is not None and options.share_q_dim > d1:
+        raise BudgetError(
+            f"share_q_dim {options.share_q_dim} is above the query's rank (hidden size + 1 = {d1}): nothing to share"
+        )
     return ConversionPlan(
         folder=folder,
         config=config,

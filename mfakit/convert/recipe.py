@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mfakit._version import __version__
-from mfakit.checkpoint import CheckpointError, ShardedWriter, atomic_folder, partial_folder, write_mfa_files
+from mfakit.checkpoint import CheckpointError, ShardedWriter, write_mfa_files
 from mfakit.convert import factorize as fz
 from mfakit.convert.adapters import mfa_layer_config, mfa_module, mfa_tensors, read_attention
 from mfakit.convert.calibration import (
@@ -50,9 +50,12 @@ from mfakit.convert.resume import (
     load_streams,
     read_resume_state,
     save_resume_state,
+    write_state,
 )
+from mfakit.errors import MfakitError, first_line
 from mfakit.loading import DTYPES, load_tokenizer
 from mfakit.model.modeling_mfa import MFAConfig
+from mfakit.outputs import atomic_folder, check_output, clear_folder, folder_size, locked, partial_folder
 
 logger = logging.getLogger(__name__)
 READOUT_FOLDS = 8
@@ -129,37 +132,33 @@ def convert(source: str | Path, out: str | Path, options: ConvertOptions) -> Con
     start = time.time()
     plan = plan_conversion(source, options)
     out = Path(out)
-    _check_output(out, plan.folder, options.overwrite)
+    check_output(out, [("the source checkpoint", plan.folder)], options.overwrite)
     for line in plan.describe(options.variant):
         logger.info(line)
-    batches, calibration = calibration_batches(
-        load_tokenizer(plan.folder), options.calibration, options.calibration_tokens, options.calibration_seq_len
-    )
-    settings = _resume_settings(plan, options, calibration, sum(b.numel() for b in batches))
-    with open_output(out, options, settings) as run:
-        inputs, streams = start_streams(plan, options, run, batches)
-        bar = tqdm(
-            total=plan.n_layers,
-            initial=run.state.next_layer,
-            desc="converting layers",
-            disable=not options.progress,
-            unit="layer",
+    partial = partial_folder(out)
+    with locked(partial), one_line_errors(out, partial):
+        tokenizer = load_tokenizer(plan.folder)
+        batches, calibration = calibration_batches(
+            tokenizer, options.calibration, options.calibration_tokens, options.calibration_seq_len
         )
-        for i in range(run.state.next_layer, plan.n_layers):
-            streams = convert_one_layer(plan, options, run, i, streams, inputs.layer_args[i])
-            run.layer_done(i + 1, streams)
-            release_freed_memory()
-            bar.update()
-        bar.close()
-        config = finish_checkpoint(run, plan, options, source)
+        settings = _resume_settings(plan, options, calibration, sum(b.numel() for b in batches))
+        with open_output(out, partial, options, settings) as run:
+            inputs, streams = start_streams(plan, options, run, batches)
+            bar = tqdm(
+                total=plan.n_layers,
+                initial=run.state.next_layer,
+                desc="converting layers",
+                disable=not options.progress,
+                unit="layer",
+            )
+            for i in range(run.state.next_layer, plan.n_layers):
+                streams = convert_one_layer(plan, options, run, i, streams, inputs.layer_args[i])
+                run.layer_done(i + 1, streams)
+                release_freed_memory()
+                bar.update()
+            bar.close()
+            config = finish_checkpoint(run, plan, options, source, type(tokenizer).__name__)
     return summarize(out, plan, config, run, time.time() - start)
-
-
-def _check_output(out: Path, source_folder: Path, overwrite: bool) -> None:
-    if out.exists() and not overwrite:
-        raise CheckpointError(f"{out} exists (pass --overwrite to replace it)")
-    if out.resolve() == source_folder.resolve():
-        raise CheckpointError(f"{out} is the source checkpoint; write the conversion elsewhere")
 
 
 def _resume_settings(plan: ConversionPlan, options: ConvertOptions, calibration: str, tokens: int) -> dict:
@@ -170,13 +169,25 @@ def _resume_settings(plan: ConversionPlan, options: ConvertOptions, calibration:
 
 
 @contextmanager
-def open_output(out: Path, options: ConvertOptions, settings: dict) -> Iterator[ConversionRun]:
+def one_line_errors(out: Path, partial: Path) -> Iterator[None]:
+    """A user-facing error or a file-system error (disk full, read-only, permissions) as one CheckpointError line,
+    which says when the partial folder keeps finished layers that --resume would continue from."""
+    try:
+        yield
+    except (MfakitError, OSError) as err:
+        message = first_line(err) if isinstance(err, MfakitError) else f"{err.filename or out}: {err.strerror or err}"
+        if has_resume_state(partial):
+            message += f"; {partial} ({folder_size(partial)}) keeps the finished layers: once the cause is fixed, rerun with --resume"
+        raise CheckpointError(message) from err
+
+
+@contextmanager
+def open_output(out: Path, partial: Path, options: ConvertOptions, settings: dict) -> Iterator[ConversionRun]:
     """The partial output folder and its writer: fresh, or continued from a resume state (with `options.resume`).
     The folder becomes `out` when the block finishes; a failure keeps it only if it holds a resume state."""
-    partial = partial_folder(out)
     state = read_resume_state(partial, settings) if options.resume else None
     if state is None:
-        shutil.rmtree(partial, ignore_errors=True)
+        clear_folder(partial)
         state = ResumeState(settings=settings, layers=[])
     else:
         logger.info(f"resuming {partial} after layer {state.next_layer - 1}")
@@ -347,12 +358,15 @@ def release_freed_memory() -> None:
 
 
 def finish_checkpoint(
-    run: ConversionRun, plan: ConversionPlan, options: ConvertOptions, source: str | Path
+    run: ConversionRun, plan: ConversionPlan, options: ConvertOptions, source: str | Path, tokenizer_class: str
 ) -> MFAConfig:
-    """Close the last shard, drop the resume state, and write config.json (with how the checkpoint was made), the
-    modeling file and the source's tokenizer and generation files; returns the converted config."""
+    """Close and check the last shard (recorded in the resume state, so that a run killed from here on finishes
+    the same files), name the shards, write config.json (with how the checkpoint was made), the modeling file and
+    the source's tokenizer and generation files, and drop the resume state; returns the converted config."""
+    run.writer.close()
+    run.state.writer = run.writer.state()
+    write_state(run.folder, run.state)
     run.writer.finish()
-    shutil.rmtree(run.folder / RESUME_DIR)
     settings = run.state.settings
     conversion = {
         "source": str(plan.folder.resolve()) if Path(source).is_dir() else str(source),
@@ -360,8 +374,11 @@ def finish_checkpoint(
         "approximate_qk_norm": bool(plan.layout.qk_norm),
         **{k: settings[k] for k in RECORDED_SETTINGS},
     }
+    # The source's auto_map would point the converted folder's Auto classes at code that is not copied, and an
+    # import record describes the source folder, not this one.
+    text_config = {k: v for k, v in plan.config.to_dict().items() if k not in ("auto_map", "mfakit_import")}
     config = MFAConfig(
-        text_config=plan.config.to_dict(),
+        text_config=text_config,
         variant=options.variant,
         layers_path=plan.layout.layers_path,
         attention_name=plan.layout.attention_name,
@@ -370,7 +387,8 @@ def finish_checkpoint(
         architectures=["MFAForCausalLM"],
         dtype=run.state.out_dtype,
     )
-    write_mfa_files(run.folder, plan.folder, config)
+    write_mfa_files(run.folder, plan.folder, config, tokenizer_class)
+    shutil.rmtree(run.folder / RESUME_DIR)
     return config
 
 

@@ -4,15 +4,16 @@ partial output folder so that a killed run continues to the same bytes."""
 
 from __future__ import annotations
 
+import io
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from mfakit.checkpoint import replace_file
 from mfakit.convert.calibration import Streams
 from mfakit.errors import MfakitError
+from mfakit.outputs import replace_file
 
 RESUME_DIR = "resume"
 STATE_FILE = "state.json"
@@ -53,14 +54,22 @@ def read_resume_state(partial: Path, settings: dict) -> ResumeState | None:
     return state
 
 
+def write_state(partial: Path, state: ResumeState) -> None:
+    """Replace the state file (write, then rename: a kill leaves the previous complete state)."""
+    replace_file(partial / RESUME_DIR / STATE_FILE, lambda tmp: tmp.write_text(json.dumps(asdict(state))))
+
+
 def save_resume_state(partial: Path, state: ResumeState, streams: Streams) -> None:
     """Save the streams under a new name, then replace the state file that names them (a kill at any point leaves
     the previous complete state), then remove older streams."""
     folder = partial / RESUME_DIR
     folder.mkdir(exist_ok=True)
     state.streams = f"streams-{state.next_layer:05d}.pt"
-    torch.save({"source": streams.source, "converted": streams.converted}, folder / state.streams)
-    replace_file(folder / STATE_FILE, lambda tmp: tmp.write_text(json.dumps(asdict(state))))
+    # Serialised in memory first: a full disk then fails the plain file write with ENOSPC, not inside torch.save.
+    buffer = io.BytesIO()
+    torch.save({"source": streams.source, "converted": streams.converted}, buffer)
+    (folder / state.streams).write_bytes(buffer.getbuffer())
+    write_state(partial, state)
     for old in folder.glob("streams-*.pt"):
         if old.name != state.streams:
             old.unlink()

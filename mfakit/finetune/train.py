@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from pickle import UnpicklingError
 from typing import TextIO
 
 import torch
@@ -21,8 +22,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from mfakit.checkpoint import CheckpointError, copy_side_files, replace_file, write_mfa_files
-from mfakit.errors import MfakitError, OptionsError
+from mfakit._version import __version__
+from mfakit.checkpoint import FINETUNE_LOG, TRAINER_DIR, CheckpointError, copy_side_files, write_mfa_files
+from mfakit.errors import MfakitError, OptionsError, first_line
 from mfakit.finetune.dataset import (
     check_disjoint,
     pack,
@@ -30,15 +32,15 @@ from mfakit.finetune.dataset import (
     sequence_indices,
     training_stream,
 )
-from mfakit.loading import DTYPES, load_model, load_tokenizer, torch_dtype
+from mfakit.loading import DTYPES, check_device, load_model, load_tokenizer, torch_dtype
 from mfakit.model.modeling_mfa import MFAAttention, MFAConfig
+from mfakit.outputs import FINETUNE_STAGING, check_output, clear_folder, locked, replace_file, written_by_mfakit
 from mfakit.scoring import stream_nll
 from mfakit.texts import TextSource, load_texts, parse_text_spec, tokenize
 
 LOSSES = ("kd", "lm", "kd+lm")
 TRAINABLE = ("attention", "all")
-TRAINER_DIR = "trainer"
-LOG_FILE = "finetune-log.jsonl"
+STATE_FILE = "state.pt"
 # What must not change between a run and its resumption (the rest, like eval and save cadence, may).
 RESUME_FIELDS = (
     "teacher",
@@ -67,7 +69,8 @@ class FinetuneOptions:
     """tokens or steps: the run's length (tokens are rounded up to whole optimiser steps of
     batch_size * grad_accum * world_size sequences of seq_len). warmup: linear warm-up steps (default 10% of the
     steps, at least 1 and at most 100), then linear decay to zero. eval_every: held-out perplexity every N steps
-    (0: only before and after). save_every: resumable state every N steps (0: never)."""
+    (0: only before and after). save_every: resumable state every N steps (0: never). resume: continue the run in
+    OUT from its saved state. overwrite: replace a finished fine-tune in OUT."""
 
     teacher: str | None = None
     data: list[str] = field(default_factory=lambda: ["builtin:pydoc"])
@@ -89,6 +92,7 @@ class FinetuneOptions:
     eval_every: int = 0
     save_every: int = 0
     resume: bool = False
+    overwrite: bool = False
     device: str = "cpu"
     dtype: str = "float32"
     gradient_checkpointing: bool = False
@@ -108,6 +112,7 @@ class FinetuneOptions:
         if (self.tokens or self.steps or 0) < 1 or not self.lr > 0 or not self.kd_temperature > 0:
             raise OptionsError("tokens/steps, lr and kd_temperature must be positive")
         torch_dtype(self.dtype)
+        check_device(self.device)
 
 
 @dataclass
@@ -232,7 +237,7 @@ class RunState:
 
     @property
     def state_file(self) -> Path:
-        return self.out / TRAINER_DIR / "state.pt"
+        return self.out / TRAINER_DIR / STATE_FILE
 
     def autocast(self) -> AbstractContextManager:
         if self.options.dtype == "float32":
@@ -262,23 +267,60 @@ class RunState:
 
 
 def finetune(model_path: str | Path, out: str | Path, options: FinetuneOptions) -> FinetuneSummary:
-    """Fine-tune `model_path` (a converted checkpoint, or any causal LM with trainable="all") into `out`."""
+    """Fine-tune `model_path` (a converted checkpoint, or any causal LM with trainable="all") into `out`.
+
+    OUT holds the run's log and resumable state (trainer/) while it trains, and the fine-tuned checkpoint when it
+    finishes (config.json last). A rerun without `resume` starts over in an unfinished OUT; a finished one is
+    replaced only with `overwrite`."""
     model_path, out = Path(model_path), Path(out)
-    if out.resolve() == model_path.resolve():
-        raise FinetuneError(f"{out} is the model being trained; write the result elsewhere")
-    state_file = out / TRAINER_DIR / "state.pt"
-    if out.exists() and not options.resume:
-        raise CheckpointError(f"{out} exists (pass --resume to continue a run there, or choose another folder)")
-    if options.resume and not state_file.is_file():
-        raise CheckpointError(f"{out} holds no fine-tuning state to resume ({state_file} is missing)")
     sources = [parse_training_source(s, options.text_column) for s in options.data]
     held_out = parse_text_spec(options.eval_text, options.text_column) if options.eval_text else None
     check_disjoint(sources, held_out)
-    with _distributed(options.device) as (rank, world, device):
+    _check_finetune_output(model_path, out, options, sources, held_out)
+    with _distributed(options.device) as (rank, world, device), _run_folder(out, options, rank):
         run = _start_run(model_path, out, options, sources, held_out, rank, world, device)
         start = time.time()
         loss = _train_steps(run)
         return _finish(run, model_path, loss, time.time() - start)
+
+
+def _check_finetune_output(
+    model_path: Path, out: Path, options: FinetuneOptions, sources: list, held_out: TextSource | None
+) -> None:
+    """OUT overlaps no input; resuming needs a saved state there; an unfinished run of mfakit's there is started
+    over; anything else that exists needs `overwrite` (and must be mfakit's own)."""
+    inputs = [("the model being trained", model_path)]
+    inputs += [("a text", Path(t.name)) for t in [*sources, held_out] if isinstance(t, TextSource) and t.kind == "file"]
+    if options.teacher is not None and Path(options.teacher).exists():
+        inputs.append(("the teacher", Path(options.teacher)))
+    check_output(out, inputs, overwrite=True)  # overlaps and someone else's files, whatever the flags
+    state_file = out / TRAINER_DIR / STATE_FILE
+    if options.resume and not state_file.is_file():
+        raise CheckpointError(f"{out} holds no fine-tuning state to resume ({state_file} is missing)")
+    unfinished = out.is_dir() and written_by_mfakit(out) and not (out / "config.json").exists()
+    if out.exists() and not (options.resume or options.overwrite or unfinished):
+        raise CheckpointError(
+            f"{out} exists (pass --overwrite to replace it, or --resume to continue the run whose state it holds)"
+        )
+
+
+@contextmanager
+def _run_folder(out: Path, options: FinetuneOptions, rank: int) -> Iterator[None]:
+    """Rank 0 holds the run's lock (OUT/trainer/.lock) for the whole run, and a fresh run clears what an earlier
+    unfinished run left there; an OUT this run created and left empty is removed."""
+    if rank > 0:
+        yield
+        return
+    created = not out.exists()
+    try:
+        with locked(out / TRAINER_DIR):
+            if not options.resume:
+                clear_folder(out, keep=(TRAINER_DIR,))
+                clear_folder(out / TRAINER_DIR)
+            yield
+    finally:
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
 
 
 def _start_run(
@@ -299,8 +341,15 @@ def _start_run(
     select_trainable(model, options.trainable)
     teacher = None
     if options.loss != "lm" or any(isinstance(s, int) for s in sources):
-        teacher = load_model(_teacher_path(model_path, options.teacher), device, options.dtype)
+        teacher_path = _teacher_path(model_path, options.teacher)
+        teacher = load_model(teacher_path, device, options.dtype)
         teacher.requires_grad_(False)
+        vocab = model.get_output_embeddings().weight.shape[0], teacher.get_output_embeddings().weight.shape[0]
+        if vocab[0] != vocab[1]:
+            raise FinetuneError(
+                f"the teacher {teacher_path} predicts {vocab[1]} tokens, the model {vocab[0]}: give the teacher the "
+                "model was converted from (--teacher)"
+            )
     sequences = pack(training_stream(sources, tokenizer, teacher, options.seq_len, options.seed), options.seq_len)
     steps = options.steps or -(-options.tokens // (options.batch_size * options.grad_accum * world * options.seq_len))
     warmup = options.warmup if options.warmup is not None else min(100, max(1, steps // 10))
@@ -320,8 +369,7 @@ def _start_run(
     if rank == 0:
         if held_out is not None:
             run.eval_ids = tokenize(tokenizer, load_texts(held_out, part="evaluation"))[: options.eval_tokens]
-        (out / TRAINER_DIR).mkdir(parents=True, exist_ok=True)
-        run.log = open(out / LOG_FILE, "a")  # noqa: SIM115  (kept open for the whole run, closed in _finish)
+        run.log = open(out / FINETUNE_LOG, "a")  # noqa: SIM115  (kept open for the whole run, closed in _finish)
     if run.start_step == 0:
         run.ppl_before = run.evaluate(0)
     return run
@@ -330,7 +378,13 @@ def _start_run(
 def _restore(run: RunState) -> None:
     """Continue from the saved state: weights, optimiser, schedule, step and this rank's random state. The file
     holds tensors and plain values only, and is read as such (no code in it can run)."""
-    state = torch.load(run.state_file, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(run.state_file, map_location="cpu", weights_only=True)
+        state["options"], state["world_size"], state["rng"]
+    except (UnpicklingError, RuntimeError, EOFError, KeyError, TypeError) as err:
+        raise CheckpointError(
+            f"{run.state_file}: not a fine-tuning state that mfakit wrote ({first_line(err)})"
+        ) from err
     changed = [k for k in RESUME_FIELDS if state["options"][k] != asdict(run.options)[k]]
     if changed:
         raise FinetuneError(f"cannot resume with changed settings: {', '.join(changed)}")
@@ -392,13 +446,19 @@ def _one_step(run: RunState, step: int, params: list[torch.nn.Parameter]) -> flo
             loss = _train_loss(run.wrapped, run.teacher, ids, options) / options.grad_accum
         loss.backward()
         total += loss.item()
-    torch.nn.utils.clip_grad_norm_(params, options.max_grad_norm)
-    run.optimizer.step()
-    run.scheduler.step()
     if run.world > 1:
         reduced = torch.tensor([total], device=run.device)
         dist.all_reduce(reduced)
-        return reduced.item() / run.world
+        total = reduced.item() / run.world
+    norm = float(torch.nn.utils.clip_grad_norm_(params, options.max_grad_norm))
+    if not (math.isfinite(total) and math.isfinite(norm)):
+        # Every rank sees the same averaged loss and gradient norm, so every rank stops here, before the step.
+        raise FinetuneError(
+            f"step {step + 1}: the loss is {total} and the gradient norm {norm}: training diverged (try a lower --lr); "
+            "nothing of this step is kept, and no fine-tuned checkpoint is written"
+        )
+    run.optimizer.step()
+    run.scheduler.step()
     return total
 
 
@@ -463,13 +523,17 @@ def _finish(run: RunState, model_path: Path, loss: float, seconds: float) -> Fin
 def _write_model(model: torch.nn.Module, model_path: Path, out: Path, record: dict) -> None:
     """The fine-tuned model as a normal checkpoint, staged beside and moved in with config.json last (it marks
     the folder finished), with the run recorded under `conversion.finetune`."""
-    staging = out / ".final"
+    staging = out / FINETUNE_STAGING
     shutil.rmtree(staging, ignore_errors=True)
     saved_dtype = json.loads((model_path / "config.json").read_text()).get("dtype")
     if saved_dtype in DTYPES:
         model = model.to(DTYPES[saved_dtype])
     config = model.config
-    config.conversion = {**(getattr(config, "conversion", None) or {}), "finetune": record}
+    config.conversion = {
+        "mfakit_version": __version__,
+        **(getattr(config, "conversion", None) or {}),
+        "finetune": record,
+    }
     model.save_pretrained(staging, safe_serialization=True)
     if isinstance(config, MFAConfig):
         write_mfa_files(staging, model_path, config)

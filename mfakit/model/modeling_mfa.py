@@ -17,12 +17,14 @@
 # The cache holds K (after RoPE) and V for MFA, and only the latent L for MFA-KR (its value slot is a zero-width
 # tensor), so its size in bytes is 2C (MFA: C + v_dim) or C elements per token per layer.
 
+import sys
+import types
 from typing import Any
 
 import torch
 from torch import nn
 from torch.nn import functional as F
-from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreTrainedConfig, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, Cache, GenerationMixin, PreTrainedConfig, PreTrainedModel
 from transformers.configuration_utils import SubConfigSpec
 
 VARIANTS = ("mfa", "mfa-kr")
@@ -95,33 +97,33 @@ class MFAAttention(nn.Module):
 
     def __init__(self, config: MFAConfig, layer_idx: int):
         super().__init__()
-        spec = config.mfa_layers[layer_idx]
+        layer = config.mfa_layers[layer_idx]  # this layer's entry; the converter writes every key
         hidden = config.text_config.hidden_size
         self.config = config
         self.layer_idx = layer_idx
         self.key_reuse = config.variant == "mfa-kr"
-        self.num_heads = spec["num_heads"]
-        self.kv_dim = spec["kv_dim"]
-        self.v_dim = self.kv_dim if self.key_reuse else spec["v_dim"]
-        self.share_q_dim = spec.get("share_q_dim")
-        self.scaling = spec["softmax_scale"]
-        self.logit_softcap = spec.get("logit_softcap")
+        self.num_heads = layer["num_heads"]
+        self.kv_dim = layer["kv_dim"]
+        self.v_dim = self.kv_dim if self.key_reuse else layer["v_dim"]
+        self.share_q_dim = layer["share_q_dim"]
+        self.scaling = layer["softmax_scale"]
+        self.logit_softcap = layer["logit_softcap"]
         self.is_causal = True
-        if len(spec["rope_freqs"]) != self.kv_dim // 2 or self.kv_dim % 2:
+        if len(layer["rope_freqs"]) != self.kv_dim // 2 or self.kv_dim % 2:
             raise ValueError(f"layer {layer_idx}: rope_freqs needs kv_dim/2 = {self.kv_dim // 2} entries")
         q_out = self.num_heads * self.kv_dim
         if self.share_q_dim:
-            self.q_a_proj = nn.Linear(hidden, self.share_q_dim, bias=spec["q_bias"])
-            self.q_norm = MFARMSNorm(self.share_q_dim, spec.get("q_norm_eps", 1e-6)) if spec.get("q_norm") else None
+            self.q_a_proj = nn.Linear(hidden, self.share_q_dim, bias=layer["q_bias"])
+            self.q_norm = MFARMSNorm(self.share_q_dim, layer.get("q_norm_eps", 1e-6)) if layer["q_norm"] else None
             self.q_b_proj = nn.Linear(self.share_q_dim, q_out, bias=False)
         else:
-            self.q_proj = nn.Linear(hidden, q_out, bias=spec["q_bias"])
-        self.k_proj = nn.Linear(hidden, self.kv_dim, bias=spec["k_bias"])
+            self.q_proj = nn.Linear(hidden, q_out, bias=layer["q_bias"])
+        self.k_proj = nn.Linear(hidden, self.kv_dim, bias=layer["k_bias"])
         if not self.key_reuse:
-            self.v_proj = nn.Linear(hidden, self.v_dim, bias=spec["v_bias"])
-        self.o_proj = nn.Linear(self.num_heads * self.v_dim, hidden, bias=spec["o_bias"])
+            self.v_proj = nn.Linear(hidden, self.v_dim, bias=layer["v_bias"])
+        self.o_proj = nn.Linear(self.num_heads * self.v_dim, hidden, bias=layer["o_bias"])
         # Kept as numbers, not a buffer: a buffer would be cast by model.to(bfloat16) and left empty by meta init.
-        freqs = [float(f) for f in spec["rope_freqs"]]
+        freqs = [float(f) for f in layer["rope_freqs"]]
         # The converter puts NoPE pairs last; only the pairs up to the last rotating one are rotated.
         self.rotary_pairs = max((p + 1 for p, f in enumerate(freqs) if f != 0), default=0)
         self.has_rope = self.rotary_pairs > 0
@@ -153,28 +155,24 @@ class MFAAttention(nn.Module):
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        cache: Any = None,
+        cache: Cache | None = None,
         **kwargs: Any,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        # transformers passes the cache as `cache` (Llama-like families), `layer_past` (Falcon, GPT-NeoX) or, in
+        # older code paths, `past_key_values`.
         cache = cache if cache is not None else kwargs.get("past_key_values", kwargs.get("layer_past"))
         bsz, seq, _ = hidden_states.shape
         q = self.project_query(hidden_states).view(bsz, seq, self.num_heads, self.kv_dim).transpose(1, 2)
         latent = self.k_proj(hidden_states)[:, None]  # (batch, 1, seq, C)
+        past = cache.get_seq_length(self.layer_idx) if cache is not None else 0
+        if isinstance(past, torch.Tensor):
+            past = past.clone()  # a static cache's length is a tensor that its update increments in place
         if position_ids is None and self.has_rope:
-            past = cache.get_seq_length(self.layer_idx) if cache is not None else 0
             position_ids = torch.arange(past, past + seq, device=hidden_states.device)[None]
         if self.has_rope:
             q = self.rotate(q, position_ids)
         if self.key_reuse:
-            if cache is not None:
-                latent, _ = cache.update(latent, latent[..., :0], self.layer_idx)
-            key, value = latent, latent
-            if self.has_rope:
-                # The cached latent is pre-RoPE; cached tokens are contiguous and end at the newest position.
-                key_pos = position_ids
-                if cache is not None:
-                    key_pos = position_ids[:, -1:] - torch.arange(latent.shape[2] - 1, -1, -1, device=latent.device)
-                key = self.rotate(latent, key_pos)
+            key, value = self._reused_key_value(latent, position_ids, cache, past)
         else:
             key = self.rotate(latent, position_ids) if self.has_rope else latent
             value = self.v_proj(hidden_states)[:, None]
@@ -183,6 +181,26 @@ class MFAAttention(nn.Module):
         out, weights = self.attend(q, key, value, attention_mask)
         out = out.transpose(1, 2).reshape(bsz, seq, self.num_heads * self.v_dim)
         return self.o_proj(out), weights
+
+    def _reused_key_value(
+        self, latent: torch.Tensor, position_ids: torch.Tensor | None, cache: Cache | None, past: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """MFA-KR: the cache keeps the pre-RoPE latent (its value slot is zero-width); the value is the latent, the
+        key the latent rotated at each cached token's position. Slot s of what the cache returns holds cache
+        position kv_offset + s (the offset the cache reports for its masks before this update: 0, or the first
+        position a sliding window keeps), and positions run alongside cache positions, shifted per row by left
+        padding; so this holds for dynamic, static, sliding-window and quantized caches alike."""
+        seq = latent.shape[2]
+        if cache is not None:
+            _, first = cache.get_mask_sizes(seq, self.layer_idx)
+            latent, _ = cache.update(latent, latent[..., :0], self.layer_idx)
+        if not self.has_rope:
+            return latent, latent
+        key_pos = position_ids
+        if cache is not None:
+            shift = position_ids[:, -1:] - (past + seq - 1)
+            key_pos = shift + first + torch.arange(latent.shape[2], device=latent.device)
+        return self.rotate(latent, key_pos), latent
 
     def attend(
         self, q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None
@@ -203,9 +221,9 @@ class MFAAttention(nn.Module):
             weights = F.dropout(weights, p=dropout, training=self.training)
             return torch.matmul(weights, value), weights
         bsz, heads, seq, _ = q.shape
+        # Without a mask, causal from the top-left over every key, as transformers' own SDPA attention does: a
+        # static cache's prefill relies on it (its buffer holds the prompt in the first slots).
         is_causal = seq > 1 and mask is None
-        if is_causal and key.shape[2] > seq:
-            key, value = key[:, :, :seq], value[:, :, :seq]
         if seq == 1:
             # Decoding: the heads become the query length of one shared head, which every SDPA kernel takes.
             out = F.scaled_dot_product_attention(
@@ -232,36 +250,80 @@ class MFAPreTrainedModel(PreTrainedModel):
         self._source_class._init_weights(self, module)
 
 
+class _SourceMethod:
+    """A method of the source family's causal-LM class, bound to the converted model: the source's own signature,
+    which generate() reads to decide what to pass (position_ids built from the attention mask, the mask inferred
+    from padding, logits_to_keep for a one-position prefill). Requires of the source class what transformers'
+    causal LMs give: methods that do not rely on zero-argument super()."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, model: Any, owner: type | None = None) -> Any:
+        if model is None or "_source_class" not in model.__dict__:
+            return self
+        return types.MethodType(getattr(model._source_class, self.name), model)
+
+
 class MFAForCausalLM(MFAPreTrainedModel, GenerationMixin):
     """The source family's causal LM with MFA attention. Its submodules and tensor names are the source model's,
-    and its forward is the source family's forward."""
+    and its forward (with its signature) is the source family's forward."""
 
     def __init__(self, config: MFAConfig):
         super().__init__(config)
         source = AutoModelForCausalLM.from_config(config.text_config)
         self._source_class = type(source)
+        # The source's own base-model attribute (`model`, `transformer`, `gpt_neox`, ...), so that `base_model` and
+        # the embedding accessors find it.
+        self.base_model_prefix = source.base_model_prefix
         self._tied_weights_keys = source._tied_weights_keys
         self._no_split_modules = source._no_split_modules
         for name, child in source.named_children():
             self.add_module(name, child)
         for idx, layer in enumerate(self.get_submodule(config.layers_path)):
             setattr(layer, config.attention_name, MFAAttention(config, idx))
+        _record_mfa_attentions(self)
+        _register_peft_targets()
         self.post_init()
 
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self._source_class.forward(self, *args, **kwargs)
+    forward = _SourceMethod()
+    get_input_embeddings = _SourceMethod()
+    set_input_embeddings = _SourceMethod()
+    get_output_embeddings = _SourceMethod()
+    set_output_embeddings = _SourceMethod()
 
-    def get_input_embeddings(self) -> nn.Module:
-        return self._source_class.get_input_embeddings(self)
 
-    def set_input_embeddings(self, value: nn.Module) -> None:
-        self._source_class.set_input_embeddings(self, value)
+def _record_mfa_attentions(model: nn.Module) -> None:
+    """Let output_attentions see MFA layers: transformers records attention weights by hooking the classes a base
+    model lists under "attentions" (the source's own attention class), so MFAAttention joins that list. The list
+    is kept per base-model class; source models of that class have no MFA layers and record as before."""
+    try:
+        from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY
+    except ImportError:  # a transformers without the registry records through the class attribute alone
+        _CAN_RECORD_REGISTRY = None
+    for module in model.modules():
+        recorded = dict(getattr(module, "_can_record_outputs", None) or {})
+        if module is model or "attentions" not in recorded:
+            continue
+        specs = recorded["attentions"] if isinstance(recorded["attentions"], list) else [recorded["attentions"]]
+        if MFAAttention not in specs:
+            recorded["attentions"] = [*specs, MFAAttention]
+            type(module)._can_record_outputs = recorded
+            if _CAN_RECORD_REGISTRY is not None:
+                _CAN_RECORD_REGISTRY[module] = recorded
 
-    def get_output_embeddings(self) -> nn.Module | None:
-        return self._source_class.get_output_embeddings(self)
 
-    def set_output_embeddings(self, value: nn.Module) -> None:
-        self._source_class.set_output_embeddings(self, value)
+# PEFT's default LoRA targets for model_type "mfa": the query and the cached projections (in MFA-KR the latent is
+# the value too), as its Llama default takes the query and value projections.
+PEFT_LORA_TARGETS = ["q_proj", "q_b_proj", "k_proj", "v_proj"]
+
+
+def _register_peft_targets() -> None:
+    """Give PEFT default target modules for model_type "mfa" when PEFT is in use (imported): `LoraConfig()` without
+    target_modules then works as for the source. PEFT is not imported here (it is slow to import and optional)."""
+    constants = sys.modules.get("peft.utils.constants")
+    if constants is not None:
+        constants.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.setdefault(MFAConfig.model_type, PEFT_LORA_TARGETS)
 
 
 MFAConfig.register_for_auto_class()

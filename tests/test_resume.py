@@ -1,0 +1,85 @@
+"""A conversion killed at any write boundary resumes to the same bytes as an uninterrupted run.
+
+Rather than one process per kill point, one conversion runs with every file-system write of the converter (tensor
+appends, renames, removals, file writes) preceded by a copy of the partial output folder: each copy is exactly what
+SIGKILL at that point leaves on disk (every write goes through a closed file, so nothing is left in user-space
+buffers). Each copy then becomes the partial folder of a `--resume` run, which must finish to the reference bytes;
+tests/test_scale.py kills a real process once as well."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from mfakit.checkpoint import ShardedWriter
+from mfakit.convert import ConvertOptions, convert
+from mfakit.outputs import partial_folder
+from tests.conftest import build_tiny
+
+OPTIONS = ConvertOptions(
+    variant="mfa-kr",
+    kv_ratio=0.5,
+    calibration_tokens=256,
+    calibration_seq_len=128,
+    max_shard_mb=0.1,  # several output shards, and shard boundaries inside layers
+    progress=False,
+)
+
+
+def files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory, tokenizer) -> Path:
+    return build_tiny("llama-gqa", tmp_path_factory.mktemp("src") / "src", tokenizer, seed=5)
+
+
+def snapshots_of_a_run(source: Path, out: Path, snapshots: Path, monkeypatch) -> list[Path]:
+    """Run a conversion into `out`, copying its partial folder before every file-system write."""
+    partial = partial_folder(out)
+    taken: list[Path] = []
+
+    def snapshot() -> None:
+        if partial.is_dir():
+            shutil.copytree(partial, snapshots / f"{len(taken):03d}", symlinks=True)
+            taken.append(snapshots / f"{len(taken):03d}")
+
+    def before(function):
+        def wrapped(*args, **kwargs):
+            snapshot()
+            return function(*args, **kwargs)
+
+        return wrapped
+
+    monkeypatch.setattr(os, "replace", before(os.replace))
+    monkeypatch.setattr(shutil, "rmtree", before(shutil.rmtree))
+    for name in ("unlink", "write_text", "write_bytes"):
+        monkeypatch.setattr(Path, name, before(getattr(Path, name)))
+    monkeypatch.setattr(ShardedWriter, "add", before(ShardedWriter.add))
+    convert(source, out, OPTIONS)
+    monkeypatch.undo()
+    return taken
+
+
+def test_killed_at_every_write_boundary_resumes_to_the_same_bytes(source, tmp_path, monkeypatch):
+    reference = files(convert(source, tmp_path / "reference", OPTIONS) and tmp_path / "reference")
+    assert sum(name.endswith(".safetensors") for name in reference) > 2
+    taken = snapshots_of_a_run(source, tmp_path / "probe", tmp_path / "snapshots", monkeypatch)
+    assert files(tmp_path / "probe") == reference
+    assert len(taken) > 30, len(taken)
+    out = tmp_path / "out"
+    resumed_from_state = 0
+    for snap in taken:
+        shutil.rmtree(out, ignore_errors=True)
+        shutil.rmtree(partial_folder(out), ignore_errors=True)
+        shutil.copytree(snap, partial_folder(out), symlinks=True)
+        resumed_from_state += (snap / "resume" / "state.json").is_file()
+        convert(source, out, replace(OPTIONS, resume=True))
+        assert files(out) == reference, snap.name
+        assert not partial_folder(out).exists()
+    assert resumed_from_state > len(taken) // 2
