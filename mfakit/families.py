@@ -33,7 +33,8 @@ class AttentionLayout:
     and the remaining channels are NoPE), or None for learned absolute positions (every channel is NoPE).
     head_dim_attr, scale_attr: attributes of the attention module holding d_h and the softmax scale.
     softcap: config attribute of the attention-logit soft cap (tanh), if the family has one.
-    qk_norm: per-head (or per-projection) norm modules applied to queries and keys before RoPE.
+    qk_norm: per-head (or per-projection) norm modules applied to queries and keys before RoPE; qk_norm_offset: what
+    the norm adds to its weight (Gemma's norms multiply by 1 + weight).
     layer_returns_tuple: the decoder layer returns (hidden, ...) rather than hidden.
     refuse: (config attribute, value, reason) triples this layout cannot express.
     """
@@ -54,6 +55,7 @@ class AttentionLayout:
     scale_attr: str = "scaling"
     softcap: str | None = None
     qk_norm: tuple[str, str] | None = None
+    qk_norm_offset: float = 0.0
     layer_returns_tuple: bool = False
     refuse: tuple[tuple[str, object, str], ...] = ()
     positions: str = "RoPE"
@@ -120,14 +122,13 @@ LAYOUTS = (
     ),
 )
 DYNAMIC_ROPE_TYPES = ("dynamic", "longrope")
-QK_NORM_FLAG = "--approximate-qk-norm"
 
 
 def supported_model_types() -> list[str]:
     return sorted(t for layout in LAYOUTS for t in layout.model_types)
 
 
-def find_layout(config, approximate_qk_norm: bool = False) -> AttentionLayout:
+def find_layout(config) -> AttentionLayout:
     """The layout of a source config, or a one-line error naming what is supported."""
     model_type = getattr(config, "model_type", None)
     if model_type == "mfa":
@@ -140,11 +141,6 @@ def find_layout(config, approximate_qk_norm: bool = False) -> AttentionLayout:
     for attr, value, reason in layout.refuse:
         if getattr(config, attr, None) == value:
             raise UnsupportedModelError(f"{model_type} with {attr}={value}: {reason} are not supported")
-    if layout.qk_norm and not approximate_qk_norm:
-        raise UnsupportedModelError(
-            f"{model_type} normalises queries and keys per head (QK-norm) before RoPE, which no MFA layer reproduces "
-            f"exactly; pass {QK_NORM_FLAG} to fold the norms into the projections (an approximation, see the README)"
-        )
     return layout
 
 
@@ -210,7 +206,7 @@ def logit_softcap(layout: AttentionLayout, config) -> float | None:
     return getattr(config, layout.softcap, None) if layout.softcap else None
 
 
-def describe(layout: AttentionLayout, config, shape: HeadShape, rope_pairs: int) -> str:
+def describe(layout: AttentionLayout, config, shape: HeadShape, rope_pairs: int, approximate_qk_norm: bool) -> str:
     """One line saying what was detected."""
     kind = "MHA" if shape.num_kv_heads == shape.num_heads else ("MQA" if shape.num_kv_heads == 1 else "GQA")
     if layout.rotary_path is None:
@@ -220,7 +216,13 @@ def describe(layout: AttentionLayout, config, shape: HeadShape, rope_pairs: int)
     else:
         positions = "RoPE"
     fused = f", fused {layout.qkv} ({layout.fused})" if layout.qkv else ""
-    extras = ", QK-norm folded (approximate)" if layout.qk_norm else ""
+    extras = ""
+    if layout.qk_norm:
+        extras = (
+            ", QK-norm folded (approximate)"
+            if approximate_qk_norm
+            else ", QK-norm (exact: the latent reads the normalised keys)"
+        )
     cap = logit_softcap(layout, config)
     extras += f", logit soft-cap {cap}" if cap else ""
     return (

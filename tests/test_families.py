@@ -28,7 +28,6 @@ from tests.conftest import (
     greedy,
     load,
     logits,
-    one_error_line,
     sample_ids,
 )
 
@@ -73,7 +72,7 @@ def _kv_head_views(rows: torch.Tensor, layout, shape) -> list[torch.Tensor]:
     return [per_group[:, -2], per_group[:, -1]]
 
 
-@pytest.mark.parametrize("kind", list(FAMILIES))
+@pytest.mark.parametrize("kind", [*FAMILIES, *QK_NORM])
 def test_full_budget_exact_and_greedy_equal(family, tokenizer, tmp_path, kind, capsys):
     src = family(kind)
     ids = sample_ids(tokenizer, n=40)
@@ -86,7 +85,7 @@ def test_full_budget_exact_and_greedy_equal(family, tokenizer, tmp_path, kind, c
     assert f"mfakit: {AutoConfig.from_pretrained(src).model_type} (" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("kind", list(FAMILIES))
+@pytest.mark.parametrize("kind", [*FAMILIES, *QK_NORM])
 def test_half_budget_below_mean_pooling(family, tokenizer, tmp_path, kind):
     src = family(kind)
     ids = sample_ids(tokenizer, n=64)
@@ -103,11 +102,21 @@ def test_half_budget_below_mean_pooling(family, tokenizer, tmp_path, kind):
 
 
 @pytest.mark.parametrize("kind", list(QK_NORM))
-def test_qk_norm_refused_without_the_flag(family, tmp_path, kind, capsys):
-    argv = ["convert", str(family(kind)), str(tmp_path / "out"), "--variant", "mfa", "--kv-ratio", "1.0"]
-    line = one_error_line(capsys, argv)
-    assert "--approximate-qk-norm" in line and "QK-norm" in line
-    assert not (tmp_path / "out").exists()
+def test_qk_norm_is_read_through_the_normalised_projections(family, tmp_path, kind):
+    """With no flag a QK-norm layer keeps the source's own query/key projections and norms (bit for bit) before
+    its latent; this once was refused without --approximate-qk-norm."""
+    from safetensors.torch import load_file
+
+    src = family(kind)
+    out = convert(src, tmp_path / "kr", "mfa-kr", "0.5")
+    config = load(out).config
+    assert all(layer["pre_latent"]["latent_reads_hidden"] for layer in config.mfa_layers)
+    assert config.conversion["approximate_qk_norm"] is False
+    source, converted = load_file(src / "model.safetensors"), load_file(out / "model.safetensors")
+    for name in ("q_proj.weight", "k_proj.weight", "q_norm.weight", "k_norm.weight"):
+        key = f"model.layers.1.self_attn.{name}"
+        assert torch.equal(converted[key], source[key]), key
+    assert converted["model.layers.1.self_attn.q_mix"].shape == (4, 32, 16)
 
 
 @pytest.mark.parametrize("kind", list(QK_NORM))

@@ -82,7 +82,8 @@ class ConvertOptions:
     one or more text specs (see `mfakit.texts`; several are mixed in equal shares), read for calibration_tokens
     tokens in windows of calibration_seq_len.
     device, dtype: where and in which precision the calibration forward passes run (converted tensors keep the
-    source's dtype). approximate_qk_norm: allow QK-norm families (folded norms: never exact). max_shard_mb: output
+    source's dtype). approximate_qk_norm: for QK-norm families, fold the norms into the projections (the plain MFA
+    layout, never exact) instead of the exact layer that reads the normalised keys. max_shard_mb: output
     shard size. refit_memory_gb: memory for the output refit (statistics, else samples, else skipped). overwrite:
     replace an existing output folder. resume: continue a killed run into the same output. progress: a progress bar.
     """
@@ -230,16 +231,24 @@ class ConversionPlan:
     v_dim: int
     softcap: float | None
     nope_context: int
+    approximate_qk_norm: bool
 
     @property
     def n_layers(self) -> int:
         return self.config.num_hidden_layers
 
+    @property
+    def qk_norm(self) -> str | None:
+        """How QK-norm layers are read: "exact" (through the normalised projections), "fold" (approximated), None."""
+        if not self.layout.qk_norm:
+            return None
+        return "fold" if self.approximate_qk_norm else "exact"
+
     def describe(self, variant: str) -> list[str]:
         """What was detected and what will be done, one line each."""
         widths = f"kv_dim {self.kv_dim}" + (f", v_dim {self.v_dim}" if variant == "mfa" else "")
         return [
-            describe(self.layout, self.config, self.shape, self.rope_freqs.shape[0]),
+            describe(self.layout, self.config, self.shape, self.rope_freqs.shape[0], self.approximate_qk_norm),
             f"plan: {self.n_layers} layers to {variant}, {widths}",
         ]
 
@@ -258,7 +267,7 @@ def plan_conversion(source: str | Path, options: ConvertOptions) -> ConversionPl
     reads configs and tensor names only."""
     folder = resolve_checkpoint(source)
     config = read_config(folder)
-    layout = find_layout(config, options.approximate_qk_norm)
+    layout = find_layout(config)
     ckpt = LazyCheckpoint(folder)
     skeleton = meta_skeleton(config)
     base = skeleton.base_model_prefix
@@ -271,6 +280,11 @@ def plan_conversion(source: str | Path, options: ConvertOptions) -> ConversionPl
     key_share = options.method.key_share(options.variant)
     kv_dim, v_dim = plan_widths(options.variant, kv_width, kv_width, options.kv_ratio, options.kv_dim, key_share)
     d1 = config.hidden_size + 1
+    if options.share_q_dim is not None and layout.qk_norm and not options.approximate_qk_norm:
+        raise OptionsError(
+            f"{config.model_type} normalises its queries (QK-norm): the exact conversion has no shared query "
+            "projection; drop --share-q-dim, or add --approximate-qk-norm"
+        )
     if options.share_q_dim is not None and options.share_q_dim > d1:
         raise BudgetError(
             f"share_q_dim {options.share_q_dim} is above the query's rank (hidden size + 1 = {d1}): nothing to share"
@@ -288,4 +302,5 @@ def plan_conversion(source: str | Path, options: ConvertOptions) -> ConversionPl
         v_dim=v_dim,
         softcap=logit_softcap(layout, config),
         nope_context=options.method.nope_context or config.max_position_embeddings,
+        approximate_qk_norm=options.approximate_qk_norm,
     )

@@ -23,7 +23,15 @@ from tqdm.auto import tqdm
 from mfakit._version import __version__
 from mfakit.checkpoint import CheckpointError, ShardedWriter, write_mfa_files
 from mfakit.convert import factorize as fz
-from mfakit.convert.adapters import mfa_layer_config, mfa_module, mfa_tensors, read_attention
+from mfakit.convert.adapters import (
+    PreLatent,
+    mfa_layer_config,
+    mfa_module,
+    mfa_tensors,
+    normalised_inputs,
+    pre_latent,
+    read_attention,
+)
 from mfakit.convert.calibration import (
     LayerInputs,
     Streams,
@@ -243,6 +251,7 @@ def convert_one_layer(
     write_module_state(run.writer, layer, f"{layer_path}.", skip=(layout.attention_prefix(i) + ".",))
     attention = layer.get_submodule(layout.attention_name)
     run.state.out_dtype = str(next(attention.parameters()).dtype).removeprefix("torch.")
+    pre = pre_latent(layout, attention, plan.config, options.variant) if plan.qk_norm == "exact" else None
     layer.to(device=options.device, dtype=compute)
     source_run = run_layer(layer, attention, streams.source, layer_args, attn_in=True, attn_out=method.refit)
     x = source_run.attn_in
@@ -254,14 +263,15 @@ def convert_one_layer(
         plan.config,
         rope_freqs=plan.rope_freqs,
         rope_scaling=plan.rope_scaling,
-        calib_inputs=x if layout.qk_norm else None,
+        qk_norm=plan.qk_norm,
+        calib_inputs=x,
     )
     exact = is_exact(src, options.variant, plan.kv_dim, plan.v_dim)
-    sigma = second_moment(x)
+    sigma = second_moment(normalised_inputs(layout, attention, plan.config, x) if pre else x)
     mfa = convert_layer(src, sigma, options.variant, plan.kv_dim, plan.v_dim, method, plan.nope_context)
     if method.refit and not exact:
-        mfa = refit_output(plan, options, run, i, mfa, src, x, source_run.attn_out, layer_args)
-    layer_config, tensors = write_converted(plan, options, run, i, mfa, src, sigma)
+        mfa = refit_output(plan, options, run, i, (mfa, src, pre), x, source_run.attn_out, layer_args)
+    layer_config, tensors = write_converted(plan, options, run, i, (mfa, src, pre), sigma)
     if method.sequential and not exact:
         converted = mfa_module(plan.config, options.variant, layout, layer_config, tensors, i)
         layer.set_submodule(layout.attention_name, converted.to(device=options.device, dtype=compute))
@@ -293,14 +303,14 @@ def refit_output(
     options: ConvertOptions,
     run: ConversionRun,
     i: int,
-    mfa: fz.MFALayer,
-    src: fz.SourceAttention,
+    layer: tuple[fz.MFALayer, fz.SourceAttention, PreLatent | None],
     x: list[torch.Tensor],
     target: list[torch.Tensor],
     layer_args: list,
 ) -> fz.MFALayer:
     """Layer i's output projection refit on what the converted attention computes from its inputs `x` against the
     source attention's outputs `target`, in the way its memory allows (`refit_plan`; each fallback noted once)."""
+    mfa, src, pre = layer
     features = mfa.wo.shape[1] * mfa.wo.shape[2]
     tokens = sum(b.numel() // b.shape[-1] for b in x)
     way, folds, need = refit_plan(features, mfa.wo.shape[0], tokens, options.refit_memory_gb)
@@ -318,8 +328,8 @@ def refit_output(
             f"layer {i}: output refit from the {tokens} calibration samples (its statistics would need "
             f"{need / 1e9:.1f} GB > refit_memory_gb {limit}); same for wider layers",
         )
-    layer_config = mfa_layer_config(mfa, src, None, plan.softcap)
-    tensors = mfa_tensors(plan.layout, i, mfa, src, torch.float32)
+    layer_config = mfa_layer_config(mfa, src, None, plan.softcap, pre)
+    tensors = mfa_tensors(plan.layout, i, mfa, src, torch.float32, pre=pre)
     module = mfa_module(plan.config, options.variant, plan.layout, layer_config, tensors, i)
     module.to(device=options.device, dtype=DTYPES[options.dtype])
     if way == "samples":
@@ -332,18 +342,20 @@ def write_converted(
     options: ConvertOptions,
     run: ConversionRun,
     i: int,
-    mfa: fz.MFALayer,
-    src: fz.SourceAttention,
+    layer: tuple[fz.MFALayer, fz.SourceAttention, PreLatent | None],
     sigma: torch.Tensor,
 ) -> tuple[dict, dict[str, torch.Tensor]]:
     """Balance the latent scales, factor the query if asked, and write layer i's converted tensors in the source's
-    dtype; returns its `mfa_layers` entry and the tensors."""
+    dtype (the source's own tensors of a QK-norm layer's pre-latent stage as they are); returns its `mfa_layers`
+    entry and the tensors."""
+    mfa, src, pre = layer
     fz.balance_(mfa, sigma)
     q_factors = fz.factor_query(mfa, sigma, options.share_q_dim) if options.share_q_dim else None
-    tensors = mfa_tensors(plan.layout, i, mfa, src, getattr(torch, run.state.out_dtype), q_factors)
+    tensors = mfa_tensors(plan.layout, i, mfa, src, getattr(torch, run.state.out_dtype), q_factors, pre)
     for name, tensor in tensors.items():
         run.writer.add(name, tensor)
-    layer_config = mfa_layer_config(mfa, src, q_factors[0].shape[0] if q_factors else None, plan.softcap)
+    share_q_dim = q_factors[0].shape[0] if q_factors else None
+    layer_config = mfa_layer_config(mfa, src, share_q_dim, plan.softcap, pre)
     run.state.layers.append(layer_config)
     return layer_config, tensors
 
@@ -371,7 +383,7 @@ def finish_checkpoint(
     conversion = {
         "source": str(plan.folder.resolve()) if Path(source).is_dir() else str(source),
         "family": plan.layout.family,
-        "approximate_qk_norm": bool(plan.layout.qk_norm),
+        "approximate_qk_norm": plan.qk_norm == "fold",
         **{k: settings[k] for k in RECORDED_SETTINGS},
     }
     # The source's auto_map would point the converted folder's Auto classes at code that is not copied, and an

@@ -47,7 +47,7 @@ def source_kv_width(config) -> int:
     """g * d_h of a source model: from its family's layout when mfakit knows it (Falcon's MQA and fused layouts say
     it only in their weight shapes), else from the config's head counts."""
     try:
-        layout = find_layout(config, approximate_qk_norm=True)
+        layout = find_layout(config)
     except UnsupportedModelError:
         heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
         return heads * (getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)

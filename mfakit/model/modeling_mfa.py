@@ -42,8 +42,12 @@ class MFAConfig(PreTrainedConfig):
         mfa_layers: one dict per decoder layer with keys `num_heads`, `kv_dim` (C), `v_dim` (value width; equals
             `kv_dim` for MFA-KR), `share_q_dim` (rank of the shared query down-projection, or None for an unfactored
             query), `q_norm` (RMSNorm between the query down- and up-projection), `q_norm_eps`, `rope_freqs`
-            (`kv_dim // 2` angular frequencies, 0 for NoPE pairs), `softmax_scale`, `logit_softcap` (or None) and
-            `q_bias`, `k_bias`, `v_bias`, `o_bias`.
+            (`kv_dim // 2` angular frequencies, 0 for NoPE pairs), `softmax_scale`, `logit_softcap` (or None),
+            `q_bias`, `k_bias`, `v_bias`, `o_bias`, and `pre_latent`: None, or for a source that normalises its
+            queries and keys (QK-norm) the stage before the latent: `num_kv_heads`, `head_dim`, `q_bias`, `k_bias`
+            (of the source's own projections), `norm_over` ("head" or "projection"), `norm_eps`, `norm_offset`
+            (the norm multiplies by offset + weight) and `latent_reads_hidden` (MFA-KR: the latent also reads the
+            hidden state, for its value channels).
         conversion: how the checkpoint was made (source, budget, calibration data, mfakit version).
     """
 
@@ -80,16 +84,20 @@ class MFAConfig(PreTrainedConfig):
 
 
 class MFARMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    """RMS norm over the last dimension, computed in float32, times (offset + weight): offset 0 for most families,
+    1 for Gemma's norms, whose weights store the difference from 1."""
+
+    def __init__(self, dim: int, eps: float, offset: float = 0.0):
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.weight = nn.Parameter(torch.ones(dim) - offset)
         self.eps = eps
+        self.offset = offset
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         x = x.to(torch.float32)
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        return ((self.offset + self.weight.to(torch.float32)) * x).to(dtype)
 
 
 class MFAAttention(nn.Module):
@@ -112,13 +120,17 @@ class MFAAttention(nn.Module):
         if len(layer["rope_freqs"]) != self.kv_dim // 2 or self.kv_dim % 2:
             raise ValueError(f"layer {layer_idx}: rope_freqs needs kv_dim/2 = {self.kv_dim // 2} entries")
         q_out = self.num_heads * self.kv_dim
-        if self.share_q_dim:
+        self.pre = layer.get("pre_latent")
+        if self.pre is not None:
+            self._init_pre_latent(hidden)
+        elif self.share_q_dim:
             self.q_a_proj = nn.Linear(hidden, self.share_q_dim, bias=layer["q_bias"])
             self.q_norm = MFARMSNorm(self.share_q_dim, layer.get("q_norm_eps", 1e-6)) if layer["q_norm"] else None
             self.q_b_proj = nn.Linear(self.share_q_dim, q_out, bias=False)
         else:
             self.q_proj = nn.Linear(hidden, q_out, bias=layer["q_bias"])
-        self.k_proj = nn.Linear(hidden, self.kv_dim, bias=layer["k_bias"])
+        if self.pre is None:
+            self.k_proj = nn.Linear(hidden, self.kv_dim, bias=layer["k_bias"])
         if not self.key_reuse:
             self.v_proj = nn.Linear(hidden, self.v_dim, bias=layer["v_bias"])
         self.o_proj = nn.Linear(self.num_heads * self.v_dim, hidden, bias=layer["o_bias"])
@@ -142,13 +154,41 @@ class MFAAttention(nn.Module):
         x1, x2 = x[..., :n], x[..., half : half + n]
         return torch.cat((x1 * cos - x2 * sin, x[..., n:half], x2 * cos + x1 * sin, x[..., half + n :]), dim=-1)
 
-    def project_query(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.share_q_dim:
-            return self.q_proj(x)
-        q = self.q_a_proj(x)
-        if self.q_norm is not None:
-            q = self.q_norm(q)
-        return self.q_b_proj(q)
+    def _init_pre_latent(self, hidden: int) -> None:
+        """The source's own query and key projections and norms (same tensor names as the source), then per head a
+        query map into latent coordinates and one map of the normalised keys (and, MFA-KR, the hidden state) into
+        the latent. Exact at full budget for QK-norm families, whose keys are not linear in the hidden state."""
+        pre, h = self.pre, self.num_heads
+        g, dh = pre["num_kv_heads"], pre["head_dim"]
+        self.q_proj = nn.Linear(hidden, h * dh, bias=pre["q_bias"])
+        self.k_proj = nn.Linear(hidden, g * dh, bias=pre["k_bias"])
+        per_head = pre["norm_over"] == "head"
+        self.q_norm = MFARMSNorm(dh if per_head else h * dh, pre["norm_eps"], pre["norm_offset"])
+        self.k_norm = MFARMSNorm(dh if per_head else g * dh, pre["norm_eps"], pre["norm_offset"])
+        self.q_mix = nn.Parameter(torch.zeros(h, self.kv_dim, dh))
+        reads = g * dh + (hidden if pre["latent_reads_hidden"] else 0)
+        self.latent_proj = nn.Linear(reads, self.kv_dim, bias=True)
+
+    def _normed(self, y: torch.Tensor, norm: nn.Module, heads: int) -> torch.Tensor:
+        """A source projection's output (batch, seq, heads * d_h) through its norm, as (batch, seq, heads, d_h)."""
+        shape = (*y.shape[:-1], heads, self.pre["head_dim"])
+        return norm(y.view(shape)) if self.pre["norm_over"] == "head" else norm(y).view(shape)
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Queries (batch, h, seq, C) and the latent (batch, 1, seq, C) of the hidden states x (batch, seq, d)."""
+        bsz, seq, _ = x.shape
+        if self.pre is not None:
+            q = torch.einsum("bshd,hcd->bhsc", self._normed(self.q_proj(x), self.q_norm, self.num_heads), self.q_mix)
+            keys = self._normed(self.k_proj(x), self.k_norm, self.pre["num_kv_heads"]).flatten(2)
+            latent = self.latent_proj(torch.cat([x, keys], -1) if self.pre["latent_reads_hidden"] else keys)
+            return q, latent[:, None]
+        if self.share_q_dim:
+            q = self.q_a_proj(x)
+            q = self.q_b_proj(q if self.q_norm is None else self.q_norm(q))
+        else:
+            q = self.q_proj(x)
+        q = q.view(bsz, seq, self.num_heads, self.kv_dim).transpose(1, 2)
+        return q, self.k_proj(x)[:, None]
 
     def forward(
         self,
@@ -162,8 +202,7 @@ class MFAAttention(nn.Module):
         # older code paths, `past_key_values`.
         cache = cache if cache is not None else kwargs.get("past_key_values", kwargs.get("layer_past"))
         bsz, seq, _ = hidden_states.shape
-        q = self.project_query(hidden_states).view(bsz, seq, self.num_heads, self.kv_dim).transpose(1, 2)
-        latent = self.k_proj(hidden_states)[:, None]  # (batch, 1, seq, C)
+        q, latent = self.project(hidden_states)
         past = cache.get_seq_length(self.layer_idx) if cache is not None else 0
         if isinstance(past, torch.Tensor):
             past = past.clone()  # a static cache's length is a tensor that its update increments in place
