@@ -5,7 +5,7 @@ Adding a family whose layout fits these fields is one more entry in `LAYOUTS`.""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -36,7 +36,12 @@ class AttentionLayout:
     qk_norm: per-head (or per-projection) norm modules applied to queries and keys before RoPE; qk_norm_offset: what
     the norm adds to its weight (Gemma's norms multiply by 1 + weight).
     layer_returns_tuple: the decoder layer returns (hidden, ...) rather than hidden.
-    refuse: (config attribute, value, reason) triples this layout cannot express.
+    rope_interleaved: RoPE pairs channels (2i, 2i+1) of the rotary part (GLM-4, ERNIE-4.5, Helium, Cohere-2) rather
+    than transformers' usual (t, t + P); read in the usual order by permuting every head's query and key channels.
+    rope_layers: which layers rotate, by a rule of ROPE_RULES (None: all): SmolLM3 and Cohere-2 leave some layers
+    without positions (NoPE), and those convert with every channel NoPE.
+    refuse: (config attribute, value, reason) triples this layout cannot express (value NOT_NONE: any set value).
+    unsupported: model types the layout's family also has, refused with the reason given.
     """
 
     family: str
@@ -57,6 +62,8 @@ class AttentionLayout:
     qk_norm: tuple[str, str] | None = None
     qk_norm_offset: float = 0.0
     layer_returns_tuple: bool = False
+    rope_interleaved: bool = False
+    rope_layers: str | None = None
     refuse: tuple[tuple[str, object, str], ...] = ()
     positions: str = "RoPE"
 
@@ -64,16 +71,52 @@ class AttentionLayout:
         return f"{self.layers_path}.{layer}.{self.attention_name}"
 
 
+NOT_NONE = object()  # a `refuse` value matching any setting but None
+LLAMA_LIKE = (
+    "llama",
+    "mistral",
+    "ministral",
+    "qwen2",
+    "mixtral",
+    "qwen2_moe",
+    "gemma",
+    "gemma2",
+    "granite",
+    "seed_oss",
+    "arcee",
+)
 LAYOUTS = (
+    AttentionLayout(family="llama", model_types=LLAMA_LIKE, softcap="attn_logit_softcapping"),
     AttentionLayout(
-        family="llama",
-        model_types=("llama", "mistral", "qwen2", "mixtral", "qwen2_moe", "gemma", "gemma2"),
-        softcap="attn_logit_softcapping",
+        family="llama, interleaved RoPE",
+        model_types=("glm4", "ernie4_5", "ernie4_5_moe", "helium"),
+        rope_interleaved=True,
     ),
     AttentionLayout(
+        family="cohere2",
+        model_types=("cohere2",),
+        rope_interleaved=True,
+        rope_layers="sliding layers",
+    ),
+    AttentionLayout(family="smollm3", model_types=("smollm3",), rope_layers="use_rope"),
+    AttentionLayout(
         family="qk-norm",
-        model_types=("qwen3", "qwen3_moe", "olmo2"),
+        model_types=("qwen3", "qwen3_moe", "olmo2", "olmo3", "apertus", "olmoe", "glm4_moe"),
         qk_norm=("q_norm", "k_norm"),
+        refuse=(("clip_qkv", NOT_NONE, "clamped queries, keys and values (clip_qkv)"),),
+    ),
+    AttentionLayout(
+        family="exaone4",
+        model_types=("exaone4",),
+        qk_norm=("q_norm", "k_norm"),
+        rope_layers="sliding layers when windowed",
+    ),
+    AttentionLayout(
+        family="gemma3",
+        model_types=("gemma3_text",),
+        qk_norm=("q_norm", "k_norm"),
+        qk_norm_offset=1.0,
+        refuse=(("use_bidirectional_attention", True, "bidirectional attention"),),
     ),
     AttentionLayout(family="phi3", model_types=("phi3",), qkv="qkv_proj"),
     AttentionLayout(
@@ -122,6 +165,20 @@ LAYOUTS = (
     ),
 )
 DYNAMIC_ROPE_TYPES = ("dynamic", "longrope")
+# Whether layer i rotates its queries and keys, read off the (weightless) source attention module and config.
+ROPE_RULES = {
+    "use_rope": lambda attention, config: bool(attention.use_rope),
+    "sliding layers": lambda attention, config: attention.sliding_window is not None,
+    "sliding layers when windowed": lambda attention, config: config.sliding_window is None or attention.is_sliding,
+}
+# Families transformers implements whose attention no MFA layer reproduces exactly; refused with the reason.
+NOT_EXACT = {
+    "hunyuan_v1_dense": "its query/key norms come after RoPE with per-channel weights, which makes the logits depend "
+    "on absolute positions",
+    "llama4_text": "its NoPE layers scale queries by a position-dependent temperature",
+    "llama4": "its NoPE layers scale queries by a position-dependent temperature",
+    "gemma3": "the multimodal checkpoint nests its text model; convert a gemma3_text checkpoint",
+}
 
 
 def supported_model_types() -> list[str]:
@@ -133,14 +190,17 @@ def find_layout(config) -> AttentionLayout:
     model_type = getattr(config, "model_type", None)
     if model_type == "mfa":
         raise UnsupportedModelError("the source is already an MFA checkpoint")
+    if model_type in NOT_EXACT:
+        raise UnsupportedModelError(f"{model_type} cannot be converted exactly: {NOT_EXACT[model_type]}")
     layout = next((lay for lay in LAYOUTS if model_type in lay.model_types), None)
     if layout is None:
         raise UnsupportedModelError(
             f"unsupported model type {model_type!r} (supported: {', '.join(supported_model_types())})"
         )
     for attr, value, reason in layout.refuse:
-        if getattr(config, attr, None) == value:
-            raise UnsupportedModelError(f"{model_type} with {attr}={value}: {reason} are not supported")
+        setting = getattr(config, attr, None)
+        if setting == value or (value is NOT_NONE and setting is not None):
+            raise UnsupportedModelError(f"{model_type} with {attr}={setting}: {reason} are not supported")
     return layout
 
 
@@ -189,32 +249,77 @@ def check_shapes(skeleton: nn.Module, ckpt: LazyCheckpoint) -> None:
             )
 
 
-def rope_parameters(layout: AttentionLayout, config, skeleton: nn.Module) -> tuple[torch.Tensor, float]:
-    """RoPE frequencies (P,) and the cos/sin scaling of the source, from its own rotary module (none: P = 0)."""
+def rope_tables(layout: AttentionLayout, config, skeleton: nn.Module) -> list[tuple[torch.Tensor, float]]:
+    """Per decoder layer, the RoPE frequencies (P,) and cos/sin scaling of the source, from its own rotary module
+    (a table per layer type where the family keeps one, as Gemma-3 and OLMo-3 do); P = 0 on layers without
+    positions (no rotary module, or NoPE layers by the layout's `rope_layers` rule)."""
+    none = (torch.zeros(0, dtype=torch.float64), 1.0)
     if layout.rotary_path is None:
-        return torch.zeros(0, dtype=torch.float64), 1.0
+        return [none] * config.num_hidden_layers
     rope = getattr(config, "rope_parameters", None) or {}
-    if rope.get("rope_type") in DYNAMIC_ROPE_TYPES:
-        raise UnsupportedModelError(
-            f"rope_type {rope['rope_type']!r} changes its frequencies with the sequence length; MFA keeps a fixed table"
-        )
+    for params in [rope, *(v for v in rope.values() if isinstance(v, dict))]:
+        if params.get("rope_type") in DYNAMIC_ROPE_TYPES:
+            raise UnsupportedModelError(
+                f"rope_type {params['rope_type']!r} changes its frequencies with the sequence length; MFA keeps a "
+                "fixed table"
+            )
     rotary = type(skeleton.get_submodule(layout.rotary_path))(config=config)
-    return rotary.inv_freq.to(torch.float64), float(getattr(rotary, "attention_scaling", 1.0))
+    layer_types = getattr(config, "layer_types", None) or [None] * config.num_hidden_layers
+    tables = []
+    for i, layer_type in enumerate(layer_types):
+        attention = skeleton.get_submodule(layout.attention_prefix(i))
+        if layout.rope_layers is not None and not ROPE_RULES[layout.rope_layers](attention, config):
+            tables.append(none)
+            continue
+        per_type = layer_type is not None and hasattr(rotary, f"{layer_type}_inv_freq")
+        prefix = f"{layer_type}_" if per_type else ""
+        scaling = float(getattr(rotary, f"{prefix}attention_scaling", 1.0))
+        tables.append((getattr(rotary, f"{prefix}inv_freq").to(torch.float64), scaling))
+    return tables
 
 
 def logit_softcap(layout: AttentionLayout, config) -> float | None:
     return getattr(config, layout.softcap, None) if layout.softcap else None
 
 
-def describe(layout: AttentionLayout, config, shape: HeadShape, rope_pairs: int, approximate_qk_norm: bool) -> str:
+def with_present_norms(layout: AttentionLayout, attention: nn.Module) -> AttentionLayout:
+    """The layout as this model has it: without QK-norm where its attention has no norm modules (GLM-4-MoE
+    normalises only with use_qk_norm). Any other module with weights in the attention, which the layout would not
+    read, is refused rather than silently dropped."""
+    if layout.qk_norm and not all(hasattr(attention, name) for name in layout.qk_norm):
+        layout = replace(layout, qk_norm=None)
+    read = {layout.q, layout.k, layout.v, layout.o, layout.qkv, *(layout.qk_norm or ())}
+    unread = [name for name, child in attention.named_children() if name not in read and any(child.parameters())]
+    if unread:
+        raise UnsupportedModelError(
+            f"the {layout.family} attention has weights in {unread[0]!r}, which mfakit does not read"
+        )
+    return layout
+
+
+def describe(
+    layout: AttentionLayout,
+    config,
+    shape: HeadShape,
+    tables: list[tuple[torch.Tensor, float]],
+    approximate_qk_norm: bool,
+) -> str:
     """One line saying what was detected."""
     kind = "MHA" if shape.num_kv_heads == shape.num_heads else ("MQA" if shape.num_kv_heads == 1 else "GQA")
+    pairs = max(freqs.shape[0] for freqs, _ in tables)
     if layout.rotary_path is None:
         positions = f"{layout.positions} positions (every channel NoPE)"
-    elif 2 * rope_pairs < shape.head_dim:
-        positions = f"partial RoPE ({2 * rope_pairs} of {shape.head_dim} channels; the rest NoPE)"
+    elif 2 * pairs < shape.head_dim:
+        positions = f"partial RoPE ({2 * pairs} of {shape.head_dim} channels; the rest NoPE)"
     else:
         positions = "RoPE"
+    if layout.rope_interleaved:
+        positions += " on interleaved pairs (read reordered)"
+    nope = sum(freqs.shape[0] == 0 for freqs, _ in tables)
+    if layout.rotary_path is not None and nope:
+        positions += f", no positions on {nope} of {len(tables)} layers"
+    if len({tuple(f.tolist()) for f, _ in tables if f.shape[0]}) > 1:
+        positions += ", a RoPE table per layer type"
     fused = f", fused {layout.qkv} ({layout.fused})" if layout.qkv else ""
     extras = ""
     if layout.qk_norm:

@@ -5,11 +5,13 @@ test module shares (converting through the CLI, logits, greedy tokens, the one-l
 from __future__ import annotations
 
 import os
+from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     FalconConfig,
     Gemma2Config,
@@ -144,6 +146,42 @@ QK_NORM = {
     "qwen3": (Qwen3Config, dict(**LLAMA_LIKE, num_key_value_heads=2, head_dim=16)),
     "olmo2": (Olmo2Config, dict(**LLAMA_LIKE, num_key_value_heads=2)),
 }
+# The families of 2026 that transformers implements, each built through AutoConfig.for_model: Llama-like ones,
+# interleaved RoPE (GLM-4, ERNIE-4.5, Helium, Cohere-2), per-layer NoPE (SmolLM3, Cohere-2, EXAONE-4), QK-norm
+# (Qwen3-MoE, OLMo-3, OLMoE, Apertus, EXAONE-4, GLM-4-MoE with use_qk_norm, Gemma-3 with its 1 + weight norm),
+# RoPE tables per layer type (Gemma-3, OLMo-3) and their MoE variants.
+MODERN = dict(**LLAMA_LIKE, num_key_value_heads=2, head_dim=16)
+WINDOWED = dict(sliding_window=8, layer_types=["sliding_attention", "full_attention"])
+MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
+MODERN_FAMILIES = {
+    "granite": {"attention_multiplier": 0.3},
+    "seed_oss": {},
+    "arcee": {},
+    "ministral": WINDOWED,
+    "glm4": {"partial_rotary_factor": 0.5},
+    "ernie4_5": {"use_bias": True},
+    "ernie4_5_moe": {"moe_num_experts": 4, "moe_k": 2, "moe_intermediate_size": 32, "moe_layer_start_index": 1},
+    "helium": {},
+    "cohere2": WINDOWED,
+    "smollm3": {"no_rope_layers": [1, 0]},
+    "qwen3_moe": MOE,
+    "olmo3": WINDOWED,
+    "olmoe": {"num_experts": 4, "num_experts_per_tok": 2},
+    "apertus": {},
+    "exaone4": WINDOWED,
+    "glm4_moe": {
+        "use_qk_norm": True,
+        "n_routed_experts": 4,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 32,
+        "first_k_dense_replace": 1,
+        "n_group": 1,
+        "topk_group": 1,
+    },
+    "gemma3_text": {**WINDOWED, "query_pre_attn_scalar": 24},
+}
+for _kind, _extra in MODERN_FAMILIES.items():
+    FAMILIES[_kind] = (partial(AutoConfig.for_model, _kind), {**MODERN, **_extra})
 PEAKED = ("q_proj.weight", "k_proj.weight", "c_attn.weight", "query_key_value.weight", "qkv_proj.weight")
 
 

@@ -28,6 +28,7 @@ from tests.conftest import (
     greedy,
     load,
     logits,
+    one_error_line,
     sample_ids,
 )
 
@@ -206,3 +207,34 @@ def test_base_model_checkpoint_names(family, tokenizer, tmp_path, kind):
     ref = logits(load(src), ids)
     model = load(convert(legacy, tmp_path / "kr", "mfa-kr", "1.0"))
     assert (logits(model, ids) - ref).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize(
+    ("model_type", "extra", "message"),
+    [
+        ("hunyuan_v1_dense", {}, "after RoPE"),
+        ("llama4_text", {"num_local_experts": 2, "intermediate_size_mlp": 128}, "temperature"),
+        ("olmoe", {"clip_qkv": 8.0, "num_experts": 2, "num_experts_per_tok": 1}, "clip_qkv"),
+        ("gemma3_text", {"use_bidirectional_attention": True}, "bidirectional"),
+    ],
+)
+def test_what_mfa_cannot_reproduce_is_refused_with_its_reason(tokenizer, tmp_path, capsys, model_type, extra, message):
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model(
+        model_type,
+        **COMMON,
+        hidden_size=64,
+        intermediate_size=128,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        **extra,
+    )
+    src = tmp_path / "src"
+    AutoModelForCausalLM.from_config(config).save_pretrained(src)
+    tokenizer.save_pretrained(src)
+    line = one_error_line(
+        capsys, ["convert", str(src), str(tmp_path / "out"), "--variant", "mfa", "--kv-ratio", "1.0", *CALIB]
+    )
+    assert message in line and not (tmp_path / "out").exists()

@@ -105,7 +105,8 @@ def read_attention(
     """One layer's attention in canonical form (float64, biases as the last input column).
 
     transformers' RoPE pairs channel t with t + P inside each head (of the rotary part, for partial rotary), which
-    is the canonical layout. A cos/sin scaling s (YaRN-style attention factor) multiplies every rotary logit by
+    is the canonical layout; families that pair (2i, 2i+1) have their query and key channels reordered into it
+    (a permutation of each head's channels, which leaves every logit as it was). A cos/sin scaling s (YaRN-style attention factor) multiplies every rotary logit by
     s^2: it is folded into the query's rotary rows. A QK-norm layer is read over the inputs of
     `normalised_inputs` (qk_norm="exact": queries and keys select the normalised heads, the layer stays exact),
     or approximated by folding its norm into the projections with a gain calibrated on `calib_inputs`
@@ -127,6 +128,9 @@ def read_attention(
     elif qk_norm == "exact":
         wq, wk, wv = _normalised_rows(wq, wk, wv)
     P = rope_freqs.shape[0]
+    if layout.rope_interleaved and P:
+        order = torch.cat([torch.arange(0, 2 * P, 2), torch.arange(1, 2 * P, 2), torch.arange(2 * P, shape.head_dim)])
+        wq, wk = wq[:, order], wk[:, order]  # interleaved pairs (2i, 2i+1) to the canonical (t, t + P)
     wq[:, : 2 * P] *= rope_scaling**2
     output = attention.get_submodule(layout.o)
     wo = _linear(layout, output)

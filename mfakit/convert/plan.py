@@ -26,7 +26,8 @@ from mfakit.families import (
     head_shape,
     logit_softcap,
     meta_skeleton,
-    rope_parameters,
+    rope_tables,
+    with_present_norms,
 )
 from mfakit.loading import check_device
 from mfakit.model.modeling_mfa import VARIANTS
@@ -50,6 +51,8 @@ class ConversionMethod:
         MFA-KR, 0.5 for MFA.
     nope_angle: RoPE pairs that turn by at most this many radians over `nope_context` tokens (default: the model's
         max_position_embeddings) become NoPE channels; 0 keeps every frequency.
+    tune_steps, tune_lr: Adam steps (and peak learning rate) of per-layer output reconstruction after the closed
+        form (`mfakit.convert.tune`); 0: none.
     """
 
     sequential: bool = True
@@ -57,6 +60,8 @@ class ConversionMethod:
     key_fraction: float | None = None
     nope_angle: float = 1.0
     nope_context: int | None = None
+    tune_steps: int = 0
+    tune_lr: float = 1e-3
 
     def __post_init__(self) -> None:
         if self.key_fraction is not None and not 0 < self.key_fraction <= 1:
@@ -65,6 +70,8 @@ class ConversionMethod:
             raise OptionsError(f"nope_angle must be a finite number >= 0, got {self.nope_angle}")
         if self.nope_context is not None and self.nope_context < 1:
             raise OptionsError(f"nope_context must be a positive number of tokens, got {self.nope_context}")
+        if self.tune_steps < 0 or not self.tune_lr > 0:
+            raise OptionsError(f"tune_steps must be >= 0 and tune_lr positive, got {self.tune_steps}, {self.tune_lr}")
 
     def key_share(self, variant: str) -> float:
         return self.key_fraction if self.key_fraction is not None else (0.8 if variant == "mfa-kr" else 0.5)
@@ -225,8 +232,7 @@ class ConversionPlan:
     skeleton: nn.Module
     ckpt: LazyCheckpoint
     shape: HeadShape
-    rope_freqs: torch.Tensor
-    rope_scaling: float
+    rope: list[tuple[torch.Tensor, float]]  # per layer: RoPE frequencies (P,) and cos/sin scaling
     kv_dim: int
     v_dim: int
     softcap: float | None
@@ -248,7 +254,7 @@ class ConversionPlan:
         """What was detected and what will be done, one line each."""
         widths = f"kv_dim {self.kv_dim}" + (f", v_dim {self.v_dim}" if variant == "mfa" else "")
         return [
-            describe(self.layout, self.config, self.shape, self.rope_freqs.shape[0], self.approximate_qk_norm),
+            describe(self.layout, self.config, self.shape, self.rope, self.approximate_qk_norm),
             f"plan: {self.n_layers} layers to {variant}, {widths}",
         ]
 
@@ -272,9 +278,9 @@ def plan_conversion(source: str | Path, options: ConvertOptions) -> ConversionPl
     skeleton = meta_skeleton(config)
     base = skeleton.base_model_prefix
     ckpt.add_base_prefix(base, tuple(f"{name}." for name, _ in skeleton.named_children() if name != base))
+    layout = with_present_norms(layout, skeleton.get_submodule(layout.attention_prefix(0)))
     check_shapes(skeleton, ckpt)
     check_attention(layout, skeleton, ckpt, config.num_hidden_layers)
-    rope_freqs, rope_scaling = rope_parameters(layout, config, skeleton)
     shape = head_shape(layout, skeleton.get_submodule(layout.attention_prefix(0)), config)
     kv_width = shape.num_kv_heads * shape.head_dim
     key_share = options.method.key_share(options.variant)
@@ -296,8 +302,7 @@ def plan_conversion(source: str | Path, options: ConvertOptions) -> ConversionPl
         skeleton=skeleton,
         ckpt=ckpt,
         shape=shape,
-        rope_freqs=rope_freqs,
-        rope_scaling=rope_scaling,
+        rope=rope_tables(layout, config, skeleton),
         kv_dim=kv_dim,
         v_dim=v_dim,
         softcap=logit_softcap(layout, config),

@@ -60,6 +60,7 @@ from mfakit.convert.resume import (
     save_resume_state,
     write_state,
 )
+from mfakit.convert.tune import layer_from_module, reconstruct
 from mfakit.errors import MfakitError, first_line
 from mfakit.loading import DTYPES, load_tokenizer
 from mfakit.model.modeling_mfa import MFAConfig
@@ -253,7 +254,8 @@ def convert_one_layer(
     run.state.out_dtype = str(next(attention.parameters()).dtype).removeprefix("torch.")
     pre = pre_latent(layout, attention, plan.config, options.variant) if plan.qk_norm == "exact" else None
     layer.to(device=options.device, dtype=compute)
-    source_run = run_layer(layer, attention, streams.source, layer_args, attn_in=True, attn_out=method.refit)
+    wants_out = method.refit or method.tune_steps > 0
+    source_run = run_layer(layer, attention, streams.source, layer_args, attn_in=True, attn_out=wants_out)
     x = source_run.attn_in
     if streams.converted is not None:
         x = run_layer(layer, attention, streams.converted, layer_args, outputs=False).attn_in
@@ -261,8 +263,8 @@ def convert_one_layer(
         layout,
         attention,
         plan.config,
-        rope_freqs=plan.rope_freqs,
-        rope_scaling=plan.rope_scaling,
+        rope_freqs=plan.rope[i][0],
+        rope_scaling=plan.rope[i][1],
         qk_norm=plan.qk_norm,
         calib_inputs=x,
     )
@@ -271,6 +273,8 @@ def convert_one_layer(
     mfa = convert_layer(src, sigma, options.variant, plan.kv_dim, plan.v_dim, method, plan.nope_context)
     if method.refit and not exact:
         mfa = refit_output(plan, options, run, i, (mfa, src, pre), x, source_run.attn_out, layer_args)
+    if method.tune_steps and not exact and pre is None:
+        mfa = tune_output(plan, options, i, (mfa, src), sigma, x, source_run.attn_out, layer_args)
     layer_config, tensors = write_converted(plan, options, run, i, (mfa, src, pre), sigma)
     if method.sequential and not exact:
         converted = mfa_module(plan.config, options.variant, layout, layer_config, tensors, i)
@@ -335,6 +339,29 @@ def refit_output(
     if way == "samples":
         return refit_from_samples(mfa, readout_samples(module, x, target, layer_args, src.bo, folds))[0]
     return refit_from_statistics(mfa, readout_statistics(module, x, target, layer_args, src.bo, folds))[0]
+
+
+def tune_output(
+    plan: ConversionPlan,
+    options: ConvertOptions,
+    i: int,
+    layer: tuple[fz.MFALayer, fz.SourceAttention],
+    sigma: torch.Tensor,
+    x: list[torch.Tensor],
+    target: list[torch.Tensor],
+    layer_args: list,
+) -> fz.MFALayer:
+    """Layer i's converted attention after `options.method.tune_steps` Adam steps of output reconstruction, from
+    balanced factors (Adam's steps suit unit-scale channels)."""
+    mfa, src = layer
+    fz.balance_(mfa, sigma)
+    layer_config = mfa_layer_config(mfa, src, None, plan.softcap)
+    tensors = mfa_tensors(plan.layout, i, mfa, src, torch.float32)
+    module = mfa_module(plan.config, options.variant, plan.layout, layer_config, tensors, i).to(options.device)
+    method = options.method
+    with torch.enable_grad():
+        reconstruct(module, x, target, layer_args, method.tune_steps, method.tune_lr)
+    return layer_from_module(module, mfa)
 
 
 def write_converted(

@@ -319,6 +319,9 @@ class MFAForCausalLM(MFAPreTrainedModel, GenerationMixin):
         self._no_split_modules = source._no_split_modules
         for name, child in source.named_children():
             self.add_module(name, child)
+        for name, value in vars(source).items():  # plain attributes the source's forward reads (logit_scale, ...)
+            if not name.startswith("_") and name not in vars(self):
+                setattr(self, name, value)
         for idx, layer in enumerate(self.get_submodule(config.layers_path)):
             setattr(layer, config.attention_name, MFAAttention(config, idx))
         _record_mfa_attentions(self)
