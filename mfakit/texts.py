@@ -10,8 +10,8 @@ A text spec is one of
 Every built-in corpus ships with Python and is split into a calibration part and a held-out evaluation part that
 share no document: the documents (topics by name, modules by path), sorted, whose index is 2 modulo 5 are the
 evaluation part (16 of 79 topics in Python 3.11), all others the calibration part. Calibration and fine-tuning read
-the calibration part, evaluation the other. The source-code corpora are large (12 MB); a reader that needs less
-text takes an evenly spread sample of their documents.
+the calibration part, evaluation the other. The source-code corpora are large (12 MB); calibration reads the heads
+of documents spread evenly over them, so that its windows come from many modules.
 """
 
 from __future__ import annotations
@@ -73,9 +73,10 @@ def parse_text_spec(spec: str, text_column: str = "text") -> TextSource:
     )
 
 
-def builtin_texts(name: str, part: str, max_chars: int | None = None) -> list[str]:
-    """The documents of one part of a built-in corpus (see the module docstring for the split); a source-code
-    corpus gives an evenly spread sample of its documents of about `max_chars` characters when that is less."""
+def builtin_texts(name: str, part: str, sample: tuple[int, int] | None = None) -> list[str]:
+    """The documents of one part of a built-in corpus (see the module docstring for the split). A source-code
+    corpus read with `sample` = (characters per document, characters in all) gives documents spread evenly over
+    the corpus, each cut to its first characters, until the total: many documents' worth of text for few windows."""
     if name not in BUILTINS:
         raise TextSourceError(f"unknown built-in corpus {name!r} (known: {', '.join(BUILTINS)})")
     if part not in PARTS:
@@ -87,14 +88,15 @@ def builtin_texts(name: str, part: str, max_chars: int | None = None) -> list[st
         return [topics[k] for i, k in enumerate(sorted(topics)) if (i % 5 == 2) == held_out]
     files = [f for i, f in enumerate(stdlib_modules()) if (i % 5 == 2) == held_out]
     read = _read_source if name == "stdlib" else _docstrings
+    head, wanted = sample if sample is not None else (None, None)
     texts: dict[int, str] = {}
     total = 0
     for index in _spread_order(len(files)):
-        text = read(files[index])
+        text = read(files[index])[:head]
         if text.strip():
             texts[index] = text
             total += len(text)
-        if max_chars is not None and total >= max_chars:
+        if wanted is not None and total >= wanted:
             break
     return [texts[i] for i in sorted(texts)]
 
@@ -150,11 +152,11 @@ def _dataset_texts(
     return [t for t in ds[column] if isinstance(t, str) and t]
 
 
-def load_texts(source: TextSource, part: str = "calibration", max_chars: int | None = None) -> list[str]:
-    """The documents of a text source. `part` chooses the side of a built-in corpus (and `max_chars` the size of a
-    source-code corpus's sample); other sources are read whole."""
+def load_texts(source: TextSource, part: str = "calibration", sample: tuple[int, int] | None = None) -> list[str]:
+    """The documents of a text source. `part` chooses the side of a built-in corpus (and `sample` the documents and
+    characters of a source-code corpus's sample, see `builtin_texts`); other sources are read whole."""
     if source.kind == "builtin":
-        texts = builtin_texts(source.name, part, max_chars)
+        texts = builtin_texts(source.name, part, sample)
     elif source.kind == "file":
         path = Path(source.name)
         if not path.is_file():

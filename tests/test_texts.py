@@ -10,19 +10,22 @@ from mfakit.texts import BUILTINS, _spread_order, builtin_texts, fingerprint, st
 
 @pytest.mark.parametrize("name", BUILTINS)
 def test_parts_share_no_document(name):
-    budget = None if name == "pydoc" else 300_000
-    calibration = builtin_texts(name, "calibration", budget)
-    evaluation = builtin_texts(name, "evaluation", budget)
+    sample = None if name == "pydoc" else (3000, 120_000)
+    calibration = builtin_texts(name, "calibration", sample)
+    evaluation = builtin_texts(name, "evaluation", sample)
     assert calibration and evaluation and not set(calibration) & set(evaluation)
-    assert fingerprint(builtin_texts(name, "evaluation", budget)) == fingerprint(evaluation)
+    assert fingerprint(builtin_texts(name, "evaluation", sample)) == fingerprint(evaluation)
 
 
-def test_source_code_is_sampled_evenly_to_the_budget():
+def test_source_code_is_sampled_evenly_as_heads_of_documents():
     modules = stdlib_modules()
     assert len(modules) > 200 and not [m for m in modules if "test" in m.parts or "site-packages" in m.parts]
-    sample = builtin_texts("stdlib", "calibration", 200_000)
+    sample = builtin_texts("stdlib", "calibration", (3000, 120_000))
     whole = builtin_texts("stdlib", "calibration")
-    assert 200_000 <= sum(map(len, sample)) < sum(map(len, whole)) / 4
-    assert [t for t in whole if t in sample] == sample  # the sample keeps the corpus order
+    assert 120_000 <= sum(map(len, sample)) < 123_000 and all(len(t) <= 3000 for t in sample) and len(sample) >= 40
+    heads = [w[:3000] for w in whole]
+    positions = [heads.index(t) for t in sample]
+    assert positions == sorted(positions)  # the sample keeps the corpus order
+    assert positions[0] < len(whole) / 10 and positions[-1] > 0.9 * len(whole)  # and spans the corpus
     order = _spread_order(10)
     assert sorted(order) == list(range(10)) and order[:2] == [0, 8] and sorted(order[:4]) == [0, 2, 4, 8]

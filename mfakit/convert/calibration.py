@@ -26,9 +26,10 @@ from mfakit.convert.readout import ReadoutSamples, ReadoutStats
 from mfakit.texts import fingerprint, load_texts, parse_text_spec, spread_windows, tokenize
 
 CALIBRATION_BATCH = 8  # sequences per forward pass
-# Characters of a large built-in corpus read per calibration token wanted: about 3-4 characters make a token, and
-# the windows are spread over a text several times longer than they need.
-CHARS_PER_TOKEN_SAMPLED = 16
+# A large built-in corpus gives calibration the heads of documents spread over it, of this many characters per
+# window token, until as many heads' worth of text as there are windows: 3-4 characters make a token, so windows
+# come from about as many modules as there are windows.
+CHARS_PER_WINDOW_SAMPLED = 6
 
 
 def _rebuild_meta_buffers(module: nn.Module, init: Callable[[nn.Module], None]) -> None:
@@ -270,14 +271,15 @@ class Streams:
 
 def calibration_batches(tokenizer, specs: tuple[str, ...], tokens: int, seq_len: int) -> tuple[list[torch.Tensor], str]:
     """The calibration texts as batches of token windows: about `tokens` tokens in windows of `seq_len`, in equal
-    shares of the texts (the first ones take the remainder), each share spread evenly over its text; and a
-    description of the texts with their checksums."""
+    shares of the texts (the first ones take the remainder), each share spread evenly over its text (a large
+    built-in corpus: one window per document sampled); and a description of the texts with their checksums."""
     n_windows = max(1, tokens // seq_len)
     windows, described = [], []
     for k, spec in enumerate(specs):
         source = parse_text_spec(spec)
         share = n_windows // len(specs) + (k < n_windows % len(specs))
-        texts = load_texts(source, part="calibration", max_chars=CHARS_PER_TOKEN_SAMPLED * share * seq_len)
+        head = CHARS_PER_WINDOW_SAMPLED * seq_len
+        texts = load_texts(source, part="calibration", sample=(head, share * head))
         if share:
             windows.append(spread_windows(tokenize(tokenizer, texts), seq_len, share))
         described.append(f"{source} [{fingerprint(texts)}]")
