@@ -13,50 +13,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
-from benchlib import machine_name, smollm2, write_report
+from benchlib import BUILTIN, evaluate, machine_name, smollm2, summarize, write_report
 from domains import DEVELOPMENT, REPORT
 from domains import build as build_domains
 from mfakit.convert import PLAIN_METHOD, ConversionMethod, ConvertOptions, convert
-from mfakit.eval import evaluation_ids, kv_report, perplexity
-from mfakit.loading import load_model, load_tokenizer
-from mfakit.texts import TextSource
-
-BUILTIN = "built-in held-out"
-
-
-def geometric_mean(values: list[float]) -> float:
-    return math.exp(sum(math.log(v) for v in values) / len(values))
-
-
-def evaluate(path: Path, domains: dict[str, Path], eval_tokens: int) -> dict:
-    """Perplexity on every domain file and on the built-in held-out split (windows of 1024), and KV bytes/token."""
-    model, tokenizer = load_model(path), load_tokenizer(path)
-    texts = {name: TextSource("file", str(file)) for name, file in domains.items()}
-    texts[BUILTIN] = TextSource("builtin", "pydoc")
-    ppl = {}
-    for name, text in texts.items():
-        ids, _ = evaluation_ids(tokenizer, [text], eval_tokens)
-        ppl[name] = perplexity(model, ids, seq_len=1024).ppl
-    return {"ppl": ppl, "kv_bytes_per_token": kv_report(model, context=256).measured_bytes_per_token}
-
-
-def summarize(result: dict, source: dict) -> dict:
-    ratios = {name: result["ppl"][name] / source["ppl"][name] for name in result["ppl"]}
-    out = {"ratios": ratios}
-    for label, names in (("development", DEVELOPMENT), ("report", REPORT)):
-        present = [ratios[n] for n in names if n in ratios]
-        if present:
-            out[label] = geometric_mean(present)
-    if "report" in out:
-        out["worst_report_over_mean"] = max(ratios[n] for n in REPORT if n in ratios) / out["report"]
-    return out
 
 
 def table(rows: list[dict], names: list[str]) -> list[str]:

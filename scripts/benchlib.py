@@ -4,6 +4,7 @@ their tables report it), the peak memory of a child process, and how a report is
 from __future__ import annotations
 
 import json
+import math
 import platform
 import re
 import subprocess
@@ -14,7 +15,11 @@ from pathlib import Path
 
 import torch
 
+from domains import DEVELOPMENT, REPORT
 from mfakit.convert.gguf import import_gguf, packaged_gguf
+from mfakit.eval import evaluation_ids, kv_report, perplexity
+from mfakit.loading import load_model, load_tokenizer
+from mfakit.texts import TextSource
 
 
 def cpu_name() -> str:
@@ -77,3 +82,38 @@ def smollm2(work: Path) -> Path:
     if not (folder / "config.json").exists():
         import_gguf(packaged_gguf("smollm2"), folder, overwrite=True)
     return folder
+
+
+BUILTIN = "built-in held-out"
+
+
+def geometric_mean(values: list[float]) -> float:
+    return math.exp(sum(math.log(v) for v in values) / len(values))
+
+
+def evaluate(
+    path: Path, domains: dict[str, Path], eval_tokens: int, device: str = "cpu", dtype: str = "float32"
+) -> dict:
+    """Perplexity on every domain file and on the built-in held-out split (windows of 1024), and KV bytes/token."""
+    model, tokenizer = load_model(path, device, dtype), load_tokenizer(path)
+    texts = {name: TextSource("file", str(file)) for name, file in domains.items()}
+    texts[BUILTIN] = TextSource("builtin", "pydoc")
+    ppl = {}
+    for name, text in texts.items():
+        ids, _ = evaluation_ids(tokenizer, [text], eval_tokens)
+        ppl[name] = perplexity(model, ids, seq_len=1024).ppl
+    return {"ppl": ppl, "kv_bytes_per_token": kv_report(model, context=256).measured_bytes_per_token}
+
+
+def summarize(result: dict, source: dict) -> dict:
+    """Ratios to the source per domain, their geometric means over the development and the report domains, and the
+    worst report domain over the report mean."""
+    ratios = {name: result["ppl"][name] / source["ppl"][name] for name in result["ppl"]}
+    out = {"ratios": ratios}
+    for label, names in (("development", DEVELOPMENT), ("report", REPORT)):
+        present = [ratios[n] for n in names if n in ratios]
+        if present:
+            out[label] = geometric_mean(present)
+    if "report" in out:
+        out["worst_report_over_mean"] = max(ratios[n] for n in REPORT if n in ratios) / out["report"]
+    return out

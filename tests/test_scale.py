@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from scripts.benchlib import run_measured
-
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))  # the benchmarks' own plumbing, as the scripts import it
+from benchlib import run_measured  # noqa: E402
+
 SHAPE = ["--hidden", "1024", "--heads", "8", "--kv-heads", "2", "--vocab", "1024", "--dtype", "float32"]
 CONVERT = ["--variant", "mfa", "--kv-ratio", "0.5", "--calib-tokens", "1024", "--calib-seq-len", "256"]
 CONVERT += ["--max-shard-mb", "64", "--quiet"]
