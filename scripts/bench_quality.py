@@ -4,7 +4,7 @@ the geometric mean over the development domains (where methods are chosen) and o
 used for a decision), the worst report domain, and the built-in held-out split beside them.
 
     python scripts/bench_quality.py --out bench-out/quality                         # the headline table
-    python scripts/bench_quality.py --ratios 0.25 --variants mfa-kr --sets development --no-plain   # a quick look
+    python scripts/bench_quality.py --ratios 0.25 --variants mfa-kr --sets development --methods default
 
 Writes quality.md and quality.json into --out.
 """
@@ -48,7 +48,7 @@ def main() -> None:
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.5, 0.25, 0.125])
     parser.add_argument("--variants", nargs="+", default=["mfa-kr", "mfa"])
     parser.add_argument("--eval-tokens", type=int, default=8192, help="tokens scored per domain")
-    parser.add_argument("--no-plain", action="store_true", help="skip the first, plain method's conversions")
+    parser.add_argument("--methods", nargs="+", default=["default", "plain"], choices=["default", "plain"])
     args = parser.parse_args()
     torch.manual_seed(0)
     source = args.source or smollm2(args.work)
@@ -57,7 +57,7 @@ def main() -> None:
     domains = {name: args.domains_dir / f"{name}.txt" for name in wanted}
     reference = evaluate(source, domains, args.eval_tokens)
     rows = [{"name": "source", "kv_ratio": 1.0, **summarize(reference, reference), "ppl": reference["ppl"]}]
-    methods = {"default": ConversionMethod()} | ({} if args.no_plain else {"plain": PLAIN_METHOD})
+    methods = {k: v for k, v in {"default": ConversionMethod(), "plain": PLAIN_METHOD}.items() if k in args.methods}
     for variant in args.variants:
         for ratio in args.ratios:
             for label, method in methods.items():
