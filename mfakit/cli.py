@@ -14,6 +14,7 @@ from mfakit.checkpoint import CheckpointError
 from mfakit.convert import PLAIN_METHOD, ConversionMethod, ConvertOptions
 from mfakit.errors import MfakitError, OptionsError
 from mfakit.finetune import FinetuneOptions
+from mfakit.finetune.train import PARALLEL
 from mfakit.model.modeling_mfa import VARIANTS
 from mfakit.texts import BUILTINS, TextSource, TextSourceError
 
@@ -283,6 +284,13 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run in OUT from its last saved state")
     p.add_argument("--overwrite", action="store_true", help="replace a finished fine-tune in OUT")
     p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument(
+        "--parallel",
+        choices=PARALLEL,
+        default=d["parallel"],
+        help="under torchrun: ddp (a whole model per process) or fsdp (student and teacher sharded over the "
+        "processes, for models that do not fit one device) (default %(default)s)",
+    )
     p.add_argument("--seed", type=int, default=d["seed"])
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_device(p, ("float32", "bfloat16"), d["dtype"])

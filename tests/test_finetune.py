@@ -1,5 +1,6 @@
 """Fine-tuning by distillation on tiny converted models: the losses and schedule, that training brings the student
-towards the teacher, exact resumption, refusals, generated data, and two processes under torchrun (gloo)."""
+towards the teacher, exact resumption, refusals, generated data, and two processes under torchrun (gloo): DDP, and
+FSDP2 with its resumption after a kill."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from transformers import AutoModelForCausalLM
 
 from mfakit.cli import main
 from mfakit.convert import PLAIN_METHOD, ConvertOptions, convert
+from mfakit.errors import OptionsError
 from mfakit.finetune import FinetuneOptions, finetune
 from mfakit.finetune import train as train_module
 from mfakit.finetune.dataset import sequence_indices
@@ -156,6 +158,16 @@ def test_changed_settings_refuse_to_resume(student, tmp_path):
     finetune(student, tmp_path / "ft", config)
     with pytest.raises(ValueError, match="changed settings: lr"):
         finetune(student, tmp_path / "ft", replace(config, lr=1e-3, resume=True))
+    with pytest.raises(ValueError, match="changed settings: parallel"):
+        finetune(student, tmp_path / "ft", replace(config, parallel="fsdp", resume=True))
+    with pytest.raises(OptionsError, match="parallel must be one of ddp, fsdp"):
+        replace(config, parallel="zero")
+    # A state written before `parallel` existed ran with its default, and resumes.
+    state_file = tmp_path / "ft" / "trainer" / "state.pt"
+    state = torch.load(state_file, weights_only=True)
+    del state["options"]["parallel"]
+    torch.save(state, state_file)
+    assert finetune(student, tmp_path / "ft", replace(config, resume=True)).steps == 3
 
 
 def test_generated_data_and_all_parameters(student, tmp_path):
@@ -172,17 +184,90 @@ def test_gradient_checkpointing_gives_the_same_training(student, tmp_path):
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
 
-def test_two_processes_under_torchrun_equal_one_with_twice_the_batch(student, tmp_path):
-    """DistributedDataParallel on gloo: rank r reads the sequences a single process would read as rows r*B..,
-    and gradients are averaged, so the result matches one process with batch 2B (up to summation order)."""
-    common = ["--steps", "3", "--seq-len", "64", "--lr", "3e-3", "--warmup", "1", "--eval-text", "none", "--quiet"]
-    assert main(["finetune", str(student), str(tmp_path / "one"), "--batch-size", "4", *common]) == 0
+# Two processes read batch 2 each where one process reads batch 4: the same sequences per step.
+TORCHRUN_ARGS = ["--steps", "3", "--seq-len", "64", "--lr", "3e-3", "--warmup", "1", "--eval-tokens", "256", "--quiet"]
+
+
+def torchrun(*args: str, script: tuple[str, ...] = ("-m", "mfakit.cli")) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc_per_node 2` on gloo, one thread per process (2 cores)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    cmd = [*launch, "-m", "mfakit.cli", "finetune", str(student), str(tmp_path / "two"), "--batch-size", "2", *common]
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    return subprocess.run([*launch, *script, *args], capture_output=True, text=True, env=env, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def one_process(student, tmp_path_factory) -> Path:
+    """One process, batch 4, the attention trained (the default)."""
+    out = tmp_path_factory.mktemp("one") / "ft"
+    assert main(["finetune", str(student), str(out), "--batch-size", "4", *TORCHRUN_ARGS]) == 0
+    return out
+
+
+def test_two_processes_under_torchrun_equal_one_with_twice_the_batch(student, one_process, tmp_path):
+    """DistributedDataParallel on gloo: rank r reads the sequences a single process would read as rows r*B..,
+    and gradients are averaged, so the result matches one process with batch 2B (up to summation order)."""
+    two = tmp_path / "two"
+    result = torchrun("finetune", str(student), str(two), "--batch-size", "2", "--eval-text", "none", *TORCHRUN_ARGS)
     assert result.returncode == 0, result.stderr[-3000:]
-    one, two = weights(tmp_path / "one"), weights(tmp_path / "two")
-    assert all(torch.allclose(one[k], two[k], atol=1e-5) for k in one)
-    config = json.loads((tmp_path / "two" / "config.json").read_text())
+    one, two_weights = weights(one_process), weights(two)
+    assert all(torch.allclose(one[k], two_weights[k], atol=1e-5) for k in one)
+    config = json.loads((two / "config.json").read_text())
     assert config["conversion"]["finetune"]["world_size"] == 2
+
+
+def test_fsdp_under_torchrun_equals_one_process_with_twice_the_batch(student, tmp_path):
+    """FSDP2 (fully_shard) on gloo, every parameter trained, so the root's (embeddings, head) too, with a held-out
+    evaluation (a sharded forward every rank runs) between steps: the checkpoint, gathered whole to rank 0, matches
+    one process with twice the batch, as do the perplexities, and is written in the student's own format."""
+    every = ["--trainable", "all", "--loss", "kd+lm", "--eval-every", "1", *TORCHRUN_ARGS]
+    assert main(["finetune", str(student), str(tmp_path / "one"), "--batch-size", "4", *every]) == 0
+    sharded = ["finetune", str(student), str(tmp_path / "fsdp"), "--batch-size", "2", "--parallel", "fsdp", *every]
+    result = torchrun(*sharded)
+    assert result.returncode == 0, result.stderr[-3000:]
+    one, fsdp, before = weights(tmp_path / "one"), weights(tmp_path / "fsdp"), weights(student)
+    assert one.keys() == fsdp.keys() and all(one[k].dtype == fsdp[k].dtype for k in one)
+    assert all(torch.allclose(one[k], fsdp[k], atol=1e-5) for k in one)
+    assert not torch.equal(fsdp["model.embed_tokens.weight"], before["model.embed_tokens.weight"])
+    config_one = json.loads((tmp_path / "one" / "config.json").read_text())
+    config_fsdp = json.loads((tmp_path / "fsdp" / "config.json").read_text())
+    record_one, record_fsdp = config_one.pop("conversion")["finetune"], config_fsdp.pop("conversion")["finetune"]
+    assert config_one == config_fsdp
+    assert (record_fsdp["parallel"], record_fsdp["world_size"]) == ("fsdp", 2)
+    for key in ("eval_ppl_before", "eval_ppl_after"):
+        assert record_fsdp[key] == pytest.approx(record_one[key], rel=1e-5)
+
+
+KILL_AT_THIRD_STEP = """
+import os, signal, sys
+from mfakit.cli import main
+from mfakit.errors import OptionsError
+from mfakit.finetune import train
+real, calls = train._train_loss, [0]
+def killed(*args, **kwargs):
+    calls[0] += 1
+    if calls[0] == 3:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(*args, **kwargs)
+train._train_loss = killed
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_fsdp_run_killed_midway_resumes_to_the_same_weights(student, one_process, tmp_path):
+    """FSDP with only the attention trained (frozen and trainable weights in one sharded layer), both processes
+    killed (SIGKILL) in step 3 of 3: the state saved after step 2 holds full tensors (gathered from the shards,
+    read with weights_only), and the resumed run ends where an uninterrupted one does (one process, batch 4)."""
+    cut, script = tmp_path / "cut", tmp_path / "kill.py"
+    script.write_text(KILL_AT_THIRD_STEP)
+    args = ["finetune", str(student), str(cut), "--batch-size", "2", "--parallel", "fsdp", "--save-every", "1"]
+    killed = torchrun(*args, *TORCHRUN_ARGS, script=(str(script),))
+    assert killed.returncode != 0 and not (cut / "config.json").exists()
+    state = torch.load(cut / "trainer" / "state.pt", weights_only=True)
+    attention = {k: v.shape for k, v in weights(student).items() if ".self_attn." in k}
+    assert state["step"] == 2 and {k: v.shape for k, v in state["trainable"].items()} == attention
+    assert state["optimizer"]["state"].keys() == attention.keys()
+    resumed = torchrun(*args, *TORCHRUN_ARGS, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    whole, again = weights(one_process), weights(cut)
+    assert all(torch.allclose(whole[k], again[k], atol=1e-5) for k in whole)
+    assert loss_curve(cut) == pytest.approx(loss_curve(one_process), rel=1e-5)

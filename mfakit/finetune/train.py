@@ -1,18 +1,20 @@
 """Short continued training of a converted model: distillation from its source (KL to the teacher's next-token
 distribution), optionally plus the language-model loss; one process, or many under `torchrun` with PyTorch's own
-DistributedDataParallel (rank 0 writes). Checkpoints in OUT/trainer resume exactly: trainable weights, optimiser,
-schedule, data position and random state."""
+DistributedDataParallel (a copy of the model per process) or FSDP2 (`--parallel fsdp`: student and teacher sharded
+over the processes, for a model that does not fit one device; see sharding.py); rank 0 writes. Checkpoints in
+OUT/trainer resume exactly: trainable weights, optimiser, schedule, data position and random state."""
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
 import time
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from pickle import UnpicklingError
 from typing import TextIO
@@ -32,14 +34,18 @@ from mfakit.finetune.dataset import (
     sequence_indices,
     training_stream,
 )
+from mfakit.finetune.sharding import as_number, full_weights, load_sharded, load_trainer_tensors, trainer_tensors
 from mfakit.loading import DTYPES, check_device, load_model, load_tokenizer, torch_dtype
 from mfakit.model.modeling_mfa import MFAAttention, MFAConfig
 from mfakit.outputs import FINETUNE_STAGING, check_output, clear_folder, locked, replace_file, written_by_mfakit
 from mfakit.scoring import stream_nll
 from mfakit.texts import TextSource, load_texts, parse_text_spec, tokenize
 
+logger = logging.getLogger(__name__)
+
 LOSSES = ("kd", "lm", "kd+lm")
 TRAINABLE = ("attention", "all")
+PARALLEL = ("ddp", "fsdp")
 STATE_FILE = "state.pt"
 # What must not change between a run and its resumption (the rest, like eval and save cadence, may).
 RESUME_FIELDS = (
@@ -57,6 +63,7 @@ RESUME_FIELDS = (
     "loss",
     "kd_temperature",
     "seed",
+    "parallel",
 )
 
 
@@ -70,7 +77,9 @@ class FinetuneOptions:
     batch_size * grad_accum * world_size sequences of seq_len). warmup: linear warm-up steps (default 10% of the
     steps, at least 1 and at most 100), then linear decay to zero. eval_every: held-out perplexity every N steps
     (0: only before and after). save_every: resumable state every N steps (0: never). resume: continue the run in
-    OUT from its saved state. overwrite: replace a finished fine-tune in OUT."""
+    OUT from its saved state. overwrite: replace a finished fine-tune in OUT. parallel: under torchrun, `ddp` keeps a
+    whole copy of student and teacher on every process; `fsdp` shards both over the processes (fully_shard per
+    decoder layer), for models that do not fit one device (one process: no difference)."""
 
     teacher: str | None = None
     data: list[str] = field(default_factory=lambda: ["builtin:pydoc"])
@@ -97,6 +106,7 @@ class FinetuneOptions:
     dtype: str = "float32"
     gradient_checkpointing: bool = False
     seed: int = 0
+    parallel: str = "ddp"
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -104,6 +114,8 @@ class FinetuneOptions:
             raise OptionsError(f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
         if self.trainable not in TRAINABLE:
             raise OptionsError(f"trainable must be one of {', '.join(TRAINABLE)}, got {self.trainable!r}")
+        if self.parallel not in PARALLEL:
+            raise OptionsError(f"parallel must be one of {', '.join(PARALLEL)}, got {self.parallel!r}")
         if (self.tokens is None) == (self.steps is None):
             raise OptionsError("give exactly one of tokens and steps")
         for name in ("seq_len", "batch_size", "grad_accum"):
@@ -236,6 +248,11 @@ class RunState:
         return self.options.batch_size * self.options.grad_accum * self.world
 
     @property
+    def sharded(self) -> bool:
+        """FSDP over several processes: each holds a shard, so every forward is a collective all ranks run."""
+        return self.options.parallel == "fsdp" and self.world > 1
+
+    @property
     def state_file(self) -> Path:
         return self.out / TRAINER_DIR / STATE_FILE
 
@@ -250,7 +267,7 @@ class RunState:
             self.log.flush()
 
     def evaluate(self, step: int) -> float | None:
-        """Held-out perplexity (rank 0; None without held-out text), logged."""
+        """Held-out perplexity (rank 0, or every rank when sharded; None without held-out text), logged by rank 0."""
         ppl = None
         if self.eval_ids is not None:
             was_training = self.model.training
@@ -258,6 +275,10 @@ class RunState:
             window = min(self.options.seq_len, self.eval_ids.numel())
             with torch.no_grad(), self.autocast():
                 nll, count = stream_nll(self.model, self.eval_ids, window, window)
+            if self.sharded:
+                # The root keeps its gathered weights after a forward (backward would need them); without a
+                # backward to free them they would stay gathered, and registered in place of the shards.
+                self.model.reshard()
             self.model.train(was_training)
             ppl = math.exp(nll / count)
             self.write_log({"step": step, "eval_ppl": ppl})
@@ -336,20 +357,8 @@ def _start_run(
     """Load student and teacher, pack the data, build optimiser and schedule, restore a saved state (resume), and
     open the log; every rank does the same, so the random state stays in step."""
     torch.manual_seed(options.seed)
-    model = load_model(model_path, device, "float32")
+    model, teacher = _load_models(model_path, options, sources, rank, world, device)
     tokenizer = load_tokenizer(model_path)
-    select_trainable(model, options.trainable)
-    teacher = None
-    if options.loss != "lm" or any(isinstance(s, int) for s in sources):
-        teacher_path = _teacher_path(model_path, options.teacher)
-        teacher = load_model(teacher_path, device, options.dtype)
-        teacher.requires_grad_(False)
-        vocab = model.get_output_embeddings().weight.shape[0], teacher.get_output_embeddings().weight.shape[0]
-        if vocab[0] != vocab[1]:
-            raise FinetuneError(
-                f"the teacher {teacher_path} predicts {vocab[1]} tokens, the model {vocab[0]}: give the teacher the "
-                "model was converted from (--teacher)"
-            )
     sequences = pack(training_stream(sources, tokenizer, teacher, options.seq_len, options.seed), options.seq_len)
     steps = options.steps or -(-options.tokens // (options.batch_size * options.grad_accum * world * options.seq_len))
     warmup = options.warmup if options.warmup is not None else min(100, max(1, steps // 10))
@@ -362,17 +371,48 @@ def _start_run(
     if options.gradient_checkpointing:
         model.activation_checkpointing_enable()
     model.train()
-    run.wrapped = model
-    if world > 1:
+    run.wrapped = model  # a sharded model is its own wrapper
+    if world > 1 and not run.sharded:
         device_ids = [torch.device(device).index] if device.startswith("cuda") else None
         run.wrapped = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    if held_out is not None and (rank == 0 or run.sharded):
+        run.eval_ids = tokenize(tokenizer, load_texts(held_out, part="evaluation"))[: options.eval_tokens]
     if rank == 0:
-        if held_out is not None:
-            run.eval_ids = tokenize(tokenizer, load_texts(held_out, part="evaluation"))[: options.eval_tokens]
         run.log = open(out / FINETUNE_LOG, "a")  # noqa: SIM115  (kept open for the whole run, closed in _finish)
     if run.start_step == 0:
         run.ppl_before = run.evaluate(0)
     return run
+
+
+def _load_models(
+    model_path: Path, options: FinetuneOptions, sources: list, rank: int, world: int, device: str
+) -> tuple[torch.nn.Module, torch.nn.Module | None]:
+    """The student in float32 with its trainable parameters chosen, and the frozen teacher in `options.dtype`
+    (None when nothing needs it). Sharded (FSDP), the teacher is sharded like the student: it is about as large,
+    so a whole copy of it per device (even in bfloat16) would not fit where the student does not."""
+    sharded = options.parallel == "fsdp" and world > 1
+    if options.parallel == "fsdp" and world == 1:
+        logger.info("--parallel fsdp shards over the processes of a torchrun launch; one process trains unsharded")
+
+    def load(path: str | Path, dtype: str, prepare, teacher: bool) -> torch.nn.Module:
+        if sharded:
+            return load_sharded(path, device, dtype, rank, prepare, reshard_root=teacher)
+        loaded = load_model(path, device, dtype)
+        prepare(loaded)
+        return loaded
+
+    model = load(model_path, "float32", lambda m: select_trainable(m, options.trainable), teacher=False)
+    if options.loss == "lm" and not any(isinstance(s, int) for s in sources):
+        return model, None
+    teacher_path = _teacher_path(model_path, options.teacher)
+    teacher = load(teacher_path, options.dtype, lambda m: m.requires_grad_(False), teacher=True)
+    vocab = model.get_output_embeddings().weight.shape[0], teacher.get_output_embeddings().weight.shape[0]
+    if vocab[0] != vocab[1]:
+        raise FinetuneError(
+            f"the teacher {teacher_path} predicts {vocab[1]} tokens, the model {vocab[0]}: give the teacher the "
+            "model was converted from (--teacher)"
+        )
+    return model, teacher
 
 
 def _restore(run: RunState) -> None:
@@ -385,13 +425,18 @@ def _restore(run: RunState) -> None:
         raise CheckpointError(
             f"{run.state_file}: not a fine-tuning state that mfakit wrote ({first_line(err)})"
         ) from err
-    changed = [k for k in RESUME_FIELDS if state["options"][k] != asdict(run.options)[k]]
+    # A state written before an option existed ran with that option's default.
+    saved = {f.name: f.default for f in fields(FinetuneOptions) if f.default is not MISSING} | state["options"]
+    changed = [k for k in RESUME_FIELDS if saved[k] != asdict(run.options)[k]]
     if changed:
         raise FinetuneError(f"cannot resume with changed settings: {', '.join(changed)}")
     if state["world_size"] != run.world:
         raise FinetuneError(f"the run was started on {state['world_size']} processes, not {run.world}")
-    run.model.load_state_dict(state["trainable"], strict=False)
-    run.optimizer.load_state_dict(state["optimizer"])
+    if run.sharded:
+        load_trainer_tensors(run.model, run.optimizer, state["trainable"], state["optimizer"])
+    else:
+        run.model.load_state_dict(state["trainable"], strict=False)
+        run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
     run.start_step = state["step"]
     run.ppl_before = state["eval_ppl_before"]
@@ -401,7 +446,8 @@ def _restore(run: RunState) -> None:
 def _train_steps(run: RunState) -> float:
     """The optimiser steps from `run.start_step` to the end; returns the last step's loss (averaged over ranks)."""
     options = run.options
-    params = [p for p in run.model.parameters() if p.requires_grad]
+    # The optimiser's own list: a sharded model's parameters() names gathered copies while it is unsharded.
+    params = [p for group in run.optimizer.param_groups for p in group["params"]]
     bar = tqdm(
         total=run.steps, initial=run.start_step, desc="fine-tuning", disable=not options.progress or run.rank > 0
     )
@@ -441,7 +487,9 @@ def _one_step(run: RunState, step: int, params: list[torch.nn.Parameter]) -> flo
         position = ((step * options.grad_accum + micro) * run.world + run.rank) * options.batch_size
         rows = sequence_indices(position, options.batch_size, len(run.sequences), options.seed)
         ids = run.sequences[rows].to(run.device)
-        sync = run.world == 1 or micro == options.grad_accum - 1
+        # Sharded gradients are reduce-scattered after every micro-batch: skipping that (as DDP's no_sync does)
+        # would accumulate whole unsharded gradients, the memory sharding is there to save.
+        sync = run.world == 1 or run.sharded or micro == options.grad_accum - 1
         with nullcontext() if sync else run.wrapped.no_sync(), run.autocast():
             loss = _train_loss(run.wrapped, run.teacher, ids, options) / options.grad_accum
         loss.backward()
@@ -450,7 +498,7 @@ def _one_step(run: RunState, step: int, params: list[torch.nn.Parameter]) -> flo
         reduced = torch.tensor([total], device=run.device)
         dist.all_reduce(reduced)
         total = reduced.item() / run.world
-    norm = float(torch.nn.utils.clip_grad_norm_(params, options.max_grad_norm))
+    norm = as_number(torch.nn.utils.clip_grad_norm_(params, options.max_grad_norm))
     if not (math.isfinite(total) and math.isfinite(norm)):
         # Every rank sees the same averaged loss and gradient norm, so every rank stops here, before the step.
         raise FinetuneError(
@@ -475,16 +523,23 @@ def _train_loss(model: torch.nn.Module, teacher: torch.nn.Module | None, ids: to
 
 
 def _save_state(run: RunState, step: int) -> None:
-    """Every rank's random state goes to rank 0, which writes the whole state (write, then rename)."""
+    """Every rank's random state goes to rank 0, which writes the whole state (write, then rename). Sharded, the
+    trainable weights and optimiser state are first gathered whole to rank 0 (keyed by parameter name), so the
+    file holds full tensors either way."""
     rng = [_rng_state()]
     if run.world > 1:
         rng = [None] * run.world
         dist.all_gather_object(rng, _rng_state())
+    if run.sharded:
+        trainable, optimizer = trainer_tensors(run.model, run.optimizer)
+    elif run.rank == 0:
+        trainable = {n: p.detach().cpu() for n, p in run.model.named_parameters() if p.requires_grad}
+        optimizer = run.optimizer.state_dict()
     if run.rank == 0:
         state = {
             "step": step,
-            "trainable": {n: p.detach().cpu() for n, p in run.model.named_parameters() if p.requires_grad},
-            "optimizer": run.optimizer.state_dict(),
+            "trainable": trainable,
+            "optimizer": optimizer,
             "scheduler": run.scheduler.state_dict(),
             "rng": rng,
             "world_size": run.world,
@@ -497,14 +552,16 @@ def _save_state(run: RunState, step: int) -> None:
 
 
 def _finish(run: RunState, model_path: Path, loss: float, seconds: float) -> FinetuneSummary:
-    """Final held-out score, the fine-tuned checkpoint (rank 0), and the summary."""
+    """Final held-out score, the fine-tuned checkpoint (rank 0; sharded, its weights gathered whole to rank 0
+    first), and the summary."""
     ppl_after = run.evaluate(run.steps)
     trained = run.steps - run.start_step
     tokens_per_step = run.per_step * run.options.seq_len
+    weights = full_weights(run.model) if run.sharded else None
     if run.rank == 0:
         record = {k: v for k, v in asdict(run.options).items() if k not in ("resume", "progress")}
         record.update(world_size=run.world, eval_ppl_before=run.ppl_before, eval_ppl_after=ppl_after)
-        _write_model(run.model, model_path, run.out, record)
+        _write_model(run.model, model_path, run.out, record, weights)
         run.log.close()
     if run.world > 1:
         dist.barrier()
@@ -520,21 +577,31 @@ def _finish(run: RunState, model_path: Path, loss: float, seconds: float) -> Fin
     )
 
 
-def _write_model(model: torch.nn.Module, model_path: Path, out: Path, record: dict) -> None:
-    """The fine-tuned model as a normal checkpoint, staged beside and moved in with config.json last (it marks
-    the folder finished), with the run recorded under `conversion.finetune`."""
+def _write_model(
+    model: torch.nn.Module, model_path: Path, out: Path, record: dict, weights: dict[str, torch.Tensor] | None
+) -> None:
+    """The fine-tuned model as a normal checkpoint in the dtype it was loaded from, staged beside and moved in
+    with config.json last (it marks the folder finished), with the run recorded under `conversion.finetune`.
+    weights: the full weights of a sharded model (None: the model's own)."""
     staging = out / FINETUNE_STAGING
     shutil.rmtree(staging, ignore_errors=True)
-    saved_dtype = json.loads((model_path / "config.json").read_text()).get("dtype")
-    if saved_dtype in DTYPES:
-        model = model.to(DTYPES[saved_dtype])
+    saved_dtype = DTYPES.get(json.loads((model_path / "config.json").read_text()).get("dtype"))
     config = model.config
     config.conversion = {
         "mfakit_version": __version__,
         **(getattr(config, "conversion", None) or {}),
         "finetune": record,
     }
-    model.save_pretrained(staging, safe_serialization=True)
+    if weights is None:
+        model = model if saved_dtype is None else model.to(saved_dtype)
+        model.save_pretrained(staging, safe_serialization=True)
+    else:
+        if saved_dtype is not None:
+            weights = _cast(weights, saved_dtype)
+        model.save_pretrained(staging, state_dict=weights, safe_serialization=True)
+        # save_pretrained records the dtype of the model it is called on (the float32 sharded one), not the weights'.
+        config.dtype = saved_dtype or torch.float32
+        config.save_pretrained(staging)
     if isinstance(config, MFAConfig):
         write_mfa_files(staging, model_path, config)
     else:
@@ -542,3 +609,12 @@ def _write_model(model: torch.nn.Module, model_path: Path, out: Path, record: di
     for item in sorted(staging.iterdir(), key=lambda p: p.name == "config.json"):
         os.replace(item, out / item.name)
     staging.rmdir()
+
+
+def _cast(weights: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The weights in `dtype`, a tensor shared by several names (tied weights) still shared after the cast."""
+    cast: dict[int, torch.Tensor] = {}
+    for w in weights.values():
+        if id(w) not in cast:
+            cast[id(w)] = w.to(dtype)
+    return {name: cast[id(w)] for name, w in weights.items()}
