@@ -266,10 +266,10 @@ def lm_eval_samples(path: Path, tasks: Path) -> dict[str, list]:
     return {task: [s["resps"] for s in samples] for task, samples in results["samples"].items()}
 
 
-def logliks(samples: list) -> list[list[float]]:
-    """The log-likelihood of every request of every sample (multiple choice: (value, is_greedy) pairs; rolling:
-    values)."""
-    return [[float(r[0][0]) if isinstance(r[0], tuple) else float(r[0]) for r in sample] for sample in samples]
+def logliks(samples: list) -> list[float]:
+    """The log-likelihood of every request of every sample in order (multiple choice: (value, is_greedy) pairs;
+    rolling: values), flat for pytest.approx."""
+    return [float(r[0][0]) if isinstance(r[0], tuple) else float(r[0]) for sample in samples for r in sample]
 
 
 @pytest.mark.slow

@@ -162,7 +162,15 @@ def test_method_flags_are_recorded_and_change_the_layout(tiny, tmp_path):
     assert main(["convert", str(src), str(out), "--variant", "mfa", "--kv-ratio", "0.5", *CALIB, *flags]) == 0
     config = json.loads((out / "config.json").read_text())
     method = config["conversion"]["method"]
-    assert method == {"sequential": False, "refit": False, "key_fraction": 0.5, "nope_angle": 0.0, "nope_context": None}
+    assert method == {
+        "sequential": False,
+        "refit": False,
+        "key_fraction": 0.5,
+        "nope_angle": 0.0,
+        "nope_context": None,
+        "tune_steps": 0,
+        "tune_lr": 0.001,
+    }
     assert all(0 not in layer["rope_freqs"] for layer in config["mfa_layers"])
     nope = tmp_path / "nope"
     assert main(["convert", str(src), str(nope), "--variant", "mfa", "--kv-ratio", "0.5", *CALIB]) == 0
