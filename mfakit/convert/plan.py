@@ -31,7 +31,7 @@ from mfakit.families import (
 )
 from mfakit.loading import check_device
 from mfakit.model.modeling_mfa import VARIANTS
-from mfakit.texts import parse_text_spec
+from mfakit.texts import DEFAULT_CALIBRATION, parse_text_spec
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
 
@@ -100,7 +100,7 @@ class ConvertOptions:
     kv_dim: int | None = None
     share_q_dim: int | None = None
     method: ConversionMethod = field(default_factory=ConversionMethod)
-    calibration: tuple[str, ...] = ("builtin:pydoc",)
+    calibration: tuple[str, ...] = DEFAULT_CALIBRATION
     calibration_tokens: int = 16384
     calibration_seq_len: int = 512
     device: str = "cpu"
