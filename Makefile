@@ -24,11 +24,15 @@ lint: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 
+# Two workers (one per core on the 2-core machines this runs on); a test file runs whole on one worker, so module
+# fixtures (a converted model, a synthetic checkpoint) are built once.
+XDIST := -n 2 --dist loadfile
+
 test: lint
-	$(PY) -m pytest
+	$(PY) -m pytest $(XDIST)
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -m "not slow"
+	$(PY) -m pytest $(XDIST) -m "not slow"
 
 demo: $(STAMP)
 	@start=$$(date +%s); set -e; \

