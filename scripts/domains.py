@@ -231,6 +231,8 @@ def generated(model: Path, tokens: Tokens, seed: int = 1234) -> tuple[list[str],
     import torch
     from transformers import AutoModelForCausalLM
 
+    from mfakit.finetune.dataset import PURE_SAMPLING
+
     torch.manual_seed(seed)
     m = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
     start = m.config.bos_token_id if m.config.bos_token_id is not None else m.config.eos_token_id
@@ -241,10 +243,7 @@ def generated(model: Path, tokens: Tokens, seed: int = 1234) -> tuple[list[str],
             out = m.generate(
                 prompt,
                 attention_mask=torch.ones_like(prompt),
-                do_sample=True,
-                temperature=1.0,
-                top_k=0,
-                top_p=1.0,
+                **PURE_SAMPLING,
                 max_new_tokens=512,
                 pad_token_id=m.config.eos_token_id,
             )

@@ -12,6 +12,8 @@ import torch
 from mfakit.texts import TextSource, TextSourceError, load_texts, parse_text_spec, tokenize
 
 GENERATE_PREFIX = "generate:"
+# Sampling from the teacher's own distribution, nothing cut off: generated text is what the model itself predicts.
+PURE_SAMPLING = {"do_sample": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0}
 
 
 def parse_training_source(spec: str, text_column: str = "text") -> TextSource | int:
@@ -62,10 +64,7 @@ def sample_teacher(
             out = teacher.generate(
                 prompt,
                 attention_mask=torch.ones_like(prompt),
-                do_sample=True,
-                temperature=1.0,
-                top_k=0,
-                top_p=1.0,
+                **PURE_SAMPLING,
                 max_new_tokens=seq_len - 1,
                 min_new_tokens=seq_len - 1,
                 pad_token_id=start,
