@@ -306,7 +306,8 @@ class _SourceMethod:
 
 class MFAForCausalLM(MFAPreTrainedModel, GenerationMixin):
     """The source family's causal LM with MFA attention. Its submodules and tensor names are the source model's,
-    and its forward (with its signature) is the source family's forward."""
+    and its forward (with its signature) is the source family's forward, borrowed: this requires of the source
+    class only that its forward and embedding accessors use no zero-argument super(), as transformers' do."""
 
     def __init__(self, config: MFAConfig):
         super().__init__(config)
