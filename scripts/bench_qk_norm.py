@@ -20,8 +20,14 @@ from benchlib import machine_name, write_report
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mfakit.convert import ConvertOptions, convert  # noqa: E402
-from mfakit.finetune import FinetuneOptions, finetune  # noqa: E402
-from tests.conftest import VOCAB, build_family, sample_ids, train_bpe_tokenizer  # noqa: E402
+from mfakit.finetune import finetune  # noqa: E402
+from tests.conftest import (  # noqa: E402
+    VOCAB,
+    build_family,
+    language_model_training,
+    sample_ids,
+    train_bpe_tokenizer,
+)
 from tests.test_methods import kl_to_source  # noqa: E402
 
 FAMILIES = ("qwen3", "olmo2", "gemma3_text")
@@ -40,18 +46,7 @@ def main() -> None:
         trained = args.work / f"{kind}-trained"
         if not (trained / "config.json").exists():
             source = build_family(kind, args.work / kind, tokenizer)
-            train = FinetuneOptions(
-                steps=300,
-                seq_len=64,
-                batch_size=8,
-                lr=3e-3,
-                warmup=20,
-                trainable="all",
-                loss="lm",
-                eval_text=None,
-                progress=False,
-            )
-            finetune(source, trained, train)
+            finetune(source, trained, language_model_training(steps=300, batch_size=8, warmup=20))
         for ratio in RATIOS:
             kl = {}
             for approximate in (False, True):

@@ -87,17 +87,22 @@ def build_tiny(kind: str, folder: Path, tokenizer, seed: int = 0, max_shard_size
     return folder
 
 
-@pytest.fixture(scope="session")
-def tiny(tmp_path_factory, tokenizer):
-    """tiny(kind) -> path of a saved tiny checkpoint of that family (built once per session)."""
+def built_once(build, tmp_path_factory, tokenizer):
+    """get(kind) -> the folder `build(kind, folder, tokenizer)` wrote, built the first time a kind is asked for."""
     cache: dict[str, Path] = {}
 
     def get(kind: str) -> Path:
         if kind not in cache:
-            cache[kind] = build_tiny(kind, tmp_path_factory.mktemp(kind), tokenizer)
+            cache[kind] = build(kind, tmp_path_factory.mktemp(kind), tokenizer)
         return cache[kind]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory, tokenizer):
+    """tiny(kind) -> path of a saved tiny checkpoint of that family (built once per session)."""
+    return built_once(build_tiny, tmp_path_factory, tokenizer)
 
 
 # Every supported family, tiny (2 layers, hidden 64), built from its transformers config class.
@@ -204,38 +209,37 @@ def build_family(kind: str, folder: Path, tokenizer) -> Path:
 
 @pytest.fixture(scope="session")
 def family(tokenizer, tmp_path_factory):
-    cache: dict[str, Path] = {}
-
     """family(kind) -> path of a tiny checkpoint of that family (built once per session)."""
-
-    def get(kind: str) -> Path:
-        if kind not in cache:
-            cache[kind] = build_family(kind, tmp_path_factory.mktemp(kind), tokenizer)
-        return cache[kind]
-
-    return get
+    return built_once(build_family, tmp_path_factory, tokenizer)
 
 
 @pytest.fixture(scope="session")
 def trained_tiny(tiny, tmp_path_factory) -> Path:
     """The tiny GQA model after 60 steps of language-model training on the built-in text: unlike a random model it
     predicts text, so what a conversion loses shows in its output distribution."""
-    from mfakit.finetune import FinetuneOptions, finetune
+    from mfakit.finetune import finetune
 
-    config = FinetuneOptions(
-        steps=60,
+    out = tmp_path_factory.mktemp("trained") / "llama-gqa"
+    finetune(tiny("llama-gqa"), out, language_model_training(steps=60, batch_size=4, warmup=5))
+    return out
+
+
+def language_model_training(steps: int, batch_size: int, warmup: int):
+    """Options that teach a tiny random model the built-in text (every parameter, next-token loss, 64-token
+    windows, lr 3e-3), so that it predicts something a conversion can lose."""
+    from mfakit.finetune import FinetuneOptions
+
+    return FinetuneOptions(
+        steps=steps,
         seq_len=64,
-        batch_size=4,
+        batch_size=batch_size,
         lr=3e-3,
-        warmup=5,
+        warmup=warmup,
         trainable="all",
         loss="lm",
         eval_text=None,
         progress=False,
     )
-    out = tmp_path_factory.mktemp("trained") / "llama-gqa"
-    finetune(tiny("llama-gqa"), out, config)
-    return out
 
 
 @pytest.fixture(scope="session")
