@@ -332,10 +332,7 @@ def refit_output(
             f"layer {i}: output refit from the {tokens} calibration samples (its statistics would need "
             f"{need / 1e9:.1f} GB > refit_memory_gb {limit}); same for wider layers",
         )
-    layer_config = mfa_layer_config(mfa, src, None, plan.softcap, pre)
-    tensors = mfa_tensors(plan.layout, i, mfa, src, torch.float32, pre=pre)
-    module = mfa_module(plan.config, options.variant, plan.layout, layer_config, tensors, i)
-    module.to(device=options.device, dtype=DTYPES[options.dtype])
+    module = working_module(plan, options, i, (mfa, src, pre)).to(dtype=DTYPES[options.dtype])
     if way == "samples":
         return refit_from_samples(mfa, readout_samples(module, x, target, layer_args, src.bo, folds))[0]
     return refit_from_statistics(mfa, readout_statistics(module, x, target, layer_args, src.bo, folds))[0]
@@ -355,13 +352,25 @@ def tune_output(
     balanced factors (Adam's steps suit unit-scale channels)."""
     mfa, src = layer
     fz.balance_(mfa, sigma)
-    layer_config = mfa_layer_config(mfa, src, None, plan.softcap)
-    tensors = mfa_tensors(plan.layout, i, mfa, src, torch.float32)
-    module = mfa_module(plan.config, options.variant, plan.layout, layer_config, tensors, i).to(options.device)
+    module = working_module(plan, options, i, (mfa, src, None))
     method = options.method
     with torch.enable_grad():
         reconstruct(module, x, target, layer_args, method.tune_steps, method.tune_lr)
     return layer_from_module(module, mfa)
+
+
+def working_module(
+    plan: ConversionPlan,
+    options: ConvertOptions,
+    i: int,
+    layer: tuple[fz.MFALayer, fz.SourceAttention, PreLatent | None],
+) -> torch.nn.Module:
+    """Layer i's converted attention as a float32 module on the calibration device, for the steps that run it
+    before it is written (the output refit, per-layer reconstruction)."""
+    mfa, src, pre = layer
+    layer_config = mfa_layer_config(mfa, src, None, plan.softcap, pre)
+    tensors = mfa_tensors(plan.layout, i, mfa, src, torch.float32, pre=pre)
+    return mfa_module(plan.config, options.variant, plan.layout, layer_config, tensors, i).to(options.device)
 
 
 def write_converted(
