@@ -194,7 +194,7 @@ class ShardedWriter:
     def _recover_data(self, data: Path) -> None:
         """A run killed after closing the open shard (a later state than the one resumed) removed its data file;
         the closed shard's data section starts with the same bytes."""
-        shard = self.folder / f"shard-{len(self.shards):05d}.tmp"
+        shard = self._tmp_path(len(self.shards))
         if not shard.exists():
             raise CheckpointError(f"{data} is missing: the partial conversion cannot be resumed")
         with open(shard, "rb") as src, open(data, "wb") as out:
@@ -210,6 +210,10 @@ class ShardedWriter:
 
     def _data_path(self) -> Path:
         return self.folder / f"shard-{len(self.shards):05d}.data"
+
+    def _tmp_path(self, i: int) -> Path:
+        """Closed shard i before `finish` names it."""
+        return self.folder / f"shard-{i:05d}.tmp"
 
     def state(self) -> dict:
         """Everything written so far, as plain values (what a resumed writer starts from)."""
@@ -250,7 +254,7 @@ class ShardedWriter:
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)
         data = self._data_path()
-        with open(self.folder / f"shard-{len(self.shards):05d}.tmp", "wb") as out, open(data, "rb") as src:
+        with open(self._tmp_path(len(self.shards)), "wb") as out, open(data, "rb") as src:
             out.write(struct.pack("<Q", len(raw)))
             out.write(raw)
             shutil.copyfileobj(src, out, COPY_CHUNK)
@@ -265,7 +269,7 @@ class ShardedWriter:
 
     def _closed_shard(self, i: int) -> Path:
         """Where closed shard i is: under its temporary name, or already under its final one (a resumed finish)."""
-        tmp = self.folder / f"shard-{i:05d}.tmp"
+        tmp = self._tmp_path(i)
         return tmp if tmp.exists() else self.folder / self.final_name(i)
 
     def close(self) -> None:
@@ -282,8 +286,8 @@ class ShardedWriter:
         write the index. Repeating it after a kill part-way through finishes the same files."""
         weight_map = {}
         for i, names in enumerate(self.shards):
-            if (self.folder / f"shard-{i:05d}.tmp").exists():
-                os.replace(self.folder / f"shard-{i:05d}.tmp", self.folder / self.final_name(i))
+            if self._tmp_path(i).exists():
+                os.replace(self._tmp_path(i), self.folder / self.final_name(i))
             weight_map.update({name: self.final_name(i) for name in names})
         if len(self.shards) > 1:
             index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
