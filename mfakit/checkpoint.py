@@ -8,6 +8,7 @@ import math
 import os
 import shutil
 import struct
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -154,6 +155,17 @@ SAFETENSORS_DTYPES = {
 COPY_CHUNK = 64 * 1024**2
 
 
+def _row_blocks(tensor: torch.Tensor) -> Iterator[torch.Tensor]:
+    """The tensor as consecutive blocks of rows of at most about COPY_CHUNK bytes each, in storage order once each
+    is made contiguous: a large view (a slice of the converter's per-head tensors) is checked and written through
+    one block-sized copy at a time, never a copy of the whole."""
+    if tensor.dim() == 0 or tensor.numel() * tensor.element_size() <= COPY_CHUNK:
+        yield tensor
+        return
+    rows = max(1, COPY_CHUNK // max(1, tensor[0].numel() * tensor.element_size()))
+    yield from tensor.split(rows)
+
+
 class ShardedWriter:
     """Streams tensors into safetensors shards of at most max_shard_bytes.
 
@@ -230,14 +242,15 @@ class ShardedWriter:
             raise CheckpointError(f"tensor {name!r} written twice")
         if tensor.dtype not in SAFETENSORS_DTYPES:
             raise CheckpointError(f"tensor {name!r} has dtype {tensor.dtype}, which safetensors cannot store")
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        tensor = tensor.detach()
+        if tensor.is_floating_point() and not all(bool(torch.isfinite(b).all()) for b in _row_blocks(tensor)):
             raise CheckpointError(f"tensor {name} would be written with NaN or infinite values")
         size = tensor.numel() * tensor.element_size()
         if self.entries and self.data_bytes + size > self.max_shard_bytes:
             self.flush()
-        data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
         with open(self._data_path(), "ab") as f:
-            f.write(data.data)
+            for block in _row_blocks(tensor):
+                f.write(block.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
         dtype = SAFETENSORS_DTYPES[tensor.dtype]
         self.entries.append([name, dtype, list(tensor.shape), [self.data_bytes, self.data_bytes + size]])
         self.names.add(name)

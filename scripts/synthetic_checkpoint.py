@@ -3,6 +3,8 @@ tokenizer trained on the built-in corpus. Memory stays at one tensor: the shards
 
     python scripts/synthetic_checkpoint.py OUT --gigabytes 8                  # hidden 4096, 8 shards, bfloat16
     python scripts/synthetic_checkpoint.py OUT --layers 8 --hidden 1024 ...   # explicit shape (tests)
+    python scripts/synthetic_checkpoint.py OUT --layers 2 --hidden 8192 --heads 64 --kv-heads 8 --intermediate 28672
+                                                                              # two Llama-70B-shaped layers
 
 Weights are N(0, 1/fan_in) (RMS-norm weights 1), so activations keep their scale through the layers and the
 conversion does real work on every layer; the model predicts nothing useful.
@@ -23,11 +25,14 @@ from mfakit.outputs import atomic_folder
 from mfakit.texts import train_bpe_tokenizer
 
 
-def llama_config(layers: int, hidden: int, heads: int, kv_heads: int, vocab: int, dtype: str) -> LlamaConfig:
+def llama_config(
+    layers: int, hidden: int, heads: int, kv_heads: int, vocab: int, dtype: str, intermediate: int | None = None
+) -> LlamaConfig:
+    """A Llama config of this shape; the MLP is 4x the hidden size unless `intermediate` says otherwise."""
     return LlamaConfig(
         vocab_size=vocab,
         hidden_size=hidden,
-        intermediate_size=4 * hidden,
+        intermediate_size=intermediate or 4 * hidden,
         num_hidden_layers=layers,
         num_attention_heads=heads,
         num_key_value_heads=kv_heads,
@@ -88,10 +93,19 @@ def write_synthetic(out: Path, config: LlamaConfig, shards: int, seed: int = 0, 
     return out
 
 
-def layers_for(gigabytes: float, hidden: int, element: int) -> int:
-    """Layers of a Llama-7B-like shape (head_dim 128, a quarter as many KV heads, 4x MLP: 14.5 hidden^2
-    parameters per layer) whose checkpoint is about `gigabytes`."""
-    return max(1, round(gigabytes * 1e9 / (14.5 * hidden**2 * element)))
+def layers_for(gigabytes: float, config: LlamaConfig, element: int) -> int:
+    """Layers of the config's shape whose checkpoint is about `gigabytes` (the tensors outside the layers left
+    out: small at the default vocabulary)."""
+    per_layer = checkpoint_bytes(replace_layers(config, 2), element) - checkpoint_bytes(
+        replace_layers(config, 1), element
+    )
+    return max(1, round(gigabytes * 1e9 / per_layer))
+
+
+def replace_layers(config: LlamaConfig, layers: int) -> LlamaConfig:
+    copy = LlamaConfig.from_dict(config.to_dict())
+    copy.num_hidden_layers = layers
+    return copy
 
 
 def main() -> None:
@@ -102,6 +116,7 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=4096)
     parser.add_argument("--heads", type=int, help="query heads (default: hidden / 128)")
     parser.add_argument("--kv-heads", type=int, help="key/value heads (default: heads / 4)")
+    parser.add_argument("--intermediate", type=int, help="MLP width (default: 4 * hidden)")
     parser.add_argument("--vocab", type=int, default=4096)
     parser.add_argument("--shards", type=int, default=8)
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16")
@@ -112,10 +127,11 @@ def main() -> None:
     if (args.gigabytes is None) == (args.layers is None):
         parser.error("give exactly one of --gigabytes and --layers")
     hidden = args.hidden
-    layers = args.layers or layers_for(args.gigabytes, hidden, element)
     heads = args.heads or max(1, hidden // 128)
     kv_heads = args.kv_heads or max(1, heads // 4)
-    config = llama_config(layers, hidden, heads, kv_heads, args.vocab, args.dtype)
+    config = llama_config(args.layers or 1, hidden, heads, kv_heads, args.vocab, args.dtype, args.intermediate)
+    layers = args.layers or layers_for(args.gigabytes, config, element)
+    config.num_hidden_layers = layers
     write_synthetic(args.out, config, args.shards, args.seed, args.overwrite)
     size = checkpoint_bytes(config, element)
     print(f"wrote {args.out}: {layers} layers, hidden {hidden}, {heads} heads / {kv_heads} KV, {size / 1e9:.2f} GB")

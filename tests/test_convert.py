@@ -1,5 +1,5 @@
 """Conversion of tiny Llama-family checkpoints through the command line: exactness, generation, cache size,
-compression error, pass-through, sharding."""
+compression error, pass-through, sharding, and the math kept on the calibration's device (CUDA where there is one)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,10 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, DynamicCache
 
 from mfakit.checkpoint import LazyCheckpoint
-from tests.conftest import CALIB, TINY, build_tiny, convert_cli, logits, sample_ids
+from mfakit.cli import main
+from mfakit.convert import factorize as fz
+from mfakit.convert import recipe as recipe_module
+from tests.conftest import CALIB, QUICK_CALIB, TINY, build_tiny, convert_cli, logits, sample_ids
 
 KINDS = list(TINY)
 VARIANTS = ["mfa", "mfa-kr"]
@@ -218,3 +221,94 @@ def test_calibration_texts_are_mixed_in_equal_shares(tiny, tokenizer, tmp_path):
     )
     record = json.loads((out / "config.json").read_text())["conversion"]
     assert record["calibration"] == described and record["calibration_tokens"] == 2048
+
+
+# The conversion's math, by the module whose name the recipe calls it through.
+MATH = {
+    recipe_module: (
+        "second_moment",
+        "read_attention",
+        "normalised_inputs",
+        "convert_layer",
+        "readout_statistics",
+        "readout_samples",
+        "refit_from_statistics",
+        "refit_from_samples_",
+        "mfa_tensors",
+    ),
+    fz: ("balance_", "factor_query"),
+}
+DEVICE_CASES = {
+    "mfa-kr, refit, shared query": ("llama-gqa", ["--variant", "mfa-kr", "--kv-ratio", "0.5", "--share-q-dim", "32"]),
+    "mfa, refit from samples": ("qwen2", ["--variant", "mfa", "--kv-ratio", "0.5"]),
+    "exact": ("llama-gqa", ["--variant", "mfa", "--kv-ratio", "1.0"]),
+    "qk-norm exact layout": ("qwen3", ["--variant", "mfa-kr", "--kv-ratio", "0.5"]),
+    "qk-norm folded": ("olmo2", ["--variant", "mfa", "--kv-ratio", "0.5", "--approximate-qk-norm"]),
+}
+
+
+IN_MATH = [0]  # depth of math calls under way
+
+
+def on_meta_by_default(fn):
+    def call(*args, **kwargs):
+        IN_MATH[0] += 1
+        try:
+            with torch.device("meta"):
+                return fn(*args, **kwargs)
+        finally:
+            IN_MATH[0] -= 1
+
+    return call
+
+
+def no_copy_to_host(cpu):
+    def call(tensor, *args, **kwargs):
+        assert not IN_MATH[0], "the math copied a tensor to the host"
+        return cpu(tensor, *args, **kwargs)
+
+    return call
+
+
+@pytest.mark.parametrize("case", DEVICE_CASES)
+def test_the_math_creates_nothing_on_the_default_device(tiny, family, tmp_path, monkeypatch, case):
+    """The statistics, eigenproblems and solves stay on their inputs' device (the one the calibration ran on, so
+    --device cuda keeps them on the GPU): run with the default device set to meta inside every call of the math,
+    where a tensor made without naming a device would be an empty meta tensor and mixing it with the real ones an
+    error, and with .cpu() refused there, every conversion writes the same tensors as without."""
+    kind, args = DEVICE_CASES[case]
+    src = tiny(kind) if kind in TINY else family(kind)
+    common = ["convert", str(src)]
+    if "samples" in case:
+        monkeypatch.setattr(recipe_module, "refit_memory", lambda *a: {"statistics": 10**15, "samples": 0})
+    assert main([*common, str(tmp_path / "reference"), *args, *QUICK_CALIB]) == 0
+    for module, names in MATH.items():
+        for name in names:
+            monkeypatch.setattr(module, name, on_meta_by_default(getattr(module, name)))
+    monkeypatch.setattr(torch.Tensor, "cpu", no_copy_to_host(torch.Tensor.cpu))
+    assert main([*common, str(tmp_path / "meta"), *args, *QUICK_CALIB]) == 0
+    reference, meta = LazyCheckpoint(tmp_path / "reference"), LazyCheckpoint(tmp_path / "meta")
+    assert reference.names() == meta.names()
+    assert all(torch.equal(reference.get(n), meta.get(n)) for n in reference.names())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_conversion_on_cuda(tiny, tokenizer, tmp_path, monkeypatch, variant):
+    """--device cuda: the forward passes and the math (statistics, eigenproblems, solves) on the GPU; exact at full
+    budget, and below it the same conversion as on the CPU up to rounding."""
+    src, ids, devices = tiny("llama-gqa"), sample_ids(tokenizer, n=48), set()
+    real = recipe_module.convert_layer
+
+    def recording(src_attention, sigma, *args):
+        devices.update({src_attention.wq.device.type, sigma.device.type})
+        return real(src_attention, sigma, *args)
+
+    monkeypatch.setattr(recipe_module, "convert_layer", recording)
+    exact = convert_cli(src, tmp_path / "exact", variant, "--kv-ratio", "1.0", extra=("--device", "cuda"))
+    assert (logits(exact, ids) - logits(src, ids)).abs().max() <= 1e-4
+    gpu = convert_cli(src, tmp_path / "gpu", variant, "--kv-ratio", "0.5", extra=("--device", "cuda"))
+    assert devices == {"cuda"}
+    cpu = convert_cli(src, tmp_path / "cpu", variant, "--kv-ratio", "0.5")
+    assert (logits(gpu, ids) - logits(cpu, ids)).abs().max() <= 1e-3

@@ -6,6 +6,7 @@ approximated with it."""
 
 from __future__ import annotations
 
+from copy import deepcopy
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from transformers import (
     FalconConfig,
 )
 
+from mfakit.convert.calibration import computing_in
 from mfakit.convert.factorize import fold_qk_norm
 from mfakit.families import find_layout, head_shape, meta_skeleton
 from tests.conftest import (
@@ -238,3 +240,20 @@ def test_what_mfa_cannot_reproduce_is_refused_with_its_reason(tokenizer, tmp_pat
         capsys, ["convert", str(src), str(tmp_path / "out"), "--variant", "mfa", "--kv-ratio", "1.0", *CALIB]
     )
     assert message in line and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("kind", [*FAMILIES, *QK_NORM])
+def test_computing_in_float32_equals_a_float32_copy(family, tokenizer, kind):
+    """The converter runs a bfloat16 layer in float32 by casting each submodule's own tensors as its forward starts
+    (`computing_in`), not the whole layer at once: every family's bfloat16 model computes, this way, bit for bit
+    what its float32 copy computes, and keeps its stored tensors."""
+    model = AutoModelForCausalLM.from_pretrained(family(kind), dtype=torch.bfloat16).eval()
+    copy = deepcopy(model).to(torch.float32)
+    stored = {name: t.clone() for name, t in model.state_dict().items()}
+    ids = sample_ids(tokenizer, n=24)
+    with torch.no_grad(), computing_in(model, torch.float32):
+        cast = model(ids).logits
+    assert cast.dtype == torch.float32
+    assert torch.equal(cast, copy(ids).logits)
+    after = model.state_dict()
+    assert all(after[name].dtype == t.dtype and torch.equal(after[name], t) for name, t in stored.items())

@@ -85,8 +85,8 @@ def _normalised_rows(wq: torch.Tensor, wk: torch.Tensor, wv: torch.Tensor) -> tu
     g = wk.shape[0]
     d, width = d1 - 1, d1 + (g + h) * dh
     q_rows, k_rows = wq.new_zeros(h, dh, width), wk.new_zeros(g, dh, width)
-    q_rows.view(h * dh, width)[:, d + g * dh : d + (g + h) * dh] = torch.eye(h * dh, dtype=wq.dtype)
-    k_rows.view(g * dh, width)[:, d : d + g * dh] = torch.eye(g * dh, dtype=wk.dtype)
+    q_rows.view(h * dh, width)[:, d + g * dh : d + (g + h) * dh] = torch.eye(h * dh, dtype=wq.dtype, device=wq.device)
+    k_rows.view(g * dh, width)[:, d : d + g * dh] = torch.eye(g * dh, dtype=wk.dtype, device=wk.device)
     v_rows = wv.new_zeros(g, wv.shape[1], width)
     v_rows[..., :d], v_rows[..., -1] = wv[..., :d], wv[..., -1]
     return q_rows, k_rows, v_rows
@@ -102,7 +102,7 @@ def read_attention(
     qk_norm: str | None = None,
     calib_inputs: list[torch.Tensor] | None = None,
 ) -> SourceAttention:
-    """One layer's attention in canonical form (float64, biases as the last input column).
+    """One layer's attention in canonical form (float64 on the module's device, biases as the last input column).
 
     transformers' RoPE pairs channel t with t + P inside each head (of the rotary part, for partial rotary), which
     is the canonical layout; families that pair (2i, 2i+1) have their query and key channels reordered into it
@@ -119,10 +119,10 @@ def read_attention(
         )
     wq, wk, wv = projections(layout, attention, shape)
     if qk_norm == "fold":
-        x = torch.cat([b.reshape(-1, b.shape[-1]) for b in calib_inputs]).to(torch.float64).cpu()
+        x = torch.cat([b.reshape(-1, b.shape[-1]) for b in calib_inputs]).to(torch.float64)
         for rows, name in ((wq, layout.qk_norm[0]), (wk, layout.qk_norm[1])):
             norm = attention.get_submodule(name)
-            gamma = norm.weight.detach().to(torch.float64).cpu() + layout.qk_norm_offset
+            gamma = norm.weight.detach().to(torch.float64) + layout.qk_norm_offset
             eps = norm_spec(layout, norm, shape.head_dim)["norm_eps"]
             rows.copy_(fold_qk_norm(rows, gamma, eps, x))
     elif qk_norm == "exact":
@@ -144,7 +144,7 @@ def read_attention(
         wv=wv.contiguous(),
         wo=wo,
         bo=bo,
-        rope_freqs=rope_freqs,
+        rope_freqs=rope_freqs.to(wq.device),
         scale=float(getattr(attention, layout.scale_attr)),
         q_bias=_has_bias(fused or attention.get_submodule(layout.q)) and not exact_qk_norm,
         k_bias=_has_bias(fused or attention.get_submodule(layout.k)) and not exact_qk_norm,
@@ -193,13 +193,15 @@ def mfa_tensors(
     q_factors=None,
     pre: PreLatent | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Named tensors of one converted attention layer (the names `MFAAttention` expects)."""
+    """Named tensors of one converted attention layer (the names `MFAAttention` expects). Where `dtype` is the
+    layer's own, the projections are views of its tensors, not copies (the per-head query rows and output columns
+    are the largest tensors of a conversion), and need not be contiguous."""
     prefix = layout.attention_prefix(layer)
     h, C, d1 = mfa.wq.shape
     out: dict[str, torch.Tensor] = {}
 
     def linear(name: str, rows: torch.Tensor, bias: bool) -> None:
-        out[f"{prefix}.{name}.weight"] = rows[:, :-1].to(dtype).contiguous()
+        out[f"{prefix}.{name}.weight"] = rows[:, :-1].to(dtype)
         if bias:
             out[f"{prefix}.{name}.bias"] = rows[:, -1].to(dtype).contiguous()
 
@@ -216,7 +218,7 @@ def mfa_tensors(
     if mfa.wv is not None:
         wv = mfa.wv if pre is None else torch.cat([mfa.wv[:, : mfa.wo.shape[0]], mfa.wv[:, -1:]], 1)
         linear("v_proj", wv, src.v_bias)
-    out[f"{prefix}.o_proj.weight"] = mfa.wo.reshape(mfa.wo.shape[0], -1).to(dtype).contiguous()
+    out[f"{prefix}.o_proj.weight"] = mfa.wo.reshape(mfa.wo.shape[0], -1).to(dtype)
     if mfa.bo is not None:
         out[f"{prefix}.o_proj.bias"] = mfa.bo.to(dtype).contiguous()
     return out

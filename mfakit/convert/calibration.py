@@ -172,16 +172,17 @@ def record_layer_inputs(
 
 
 class SecondMoment:
-    """Accumulates Sigma = E[x~ x~^T] of x~ = [x; 1] in float64 over every token seen."""
+    """Accumulates Sigma = E[x~ x~^T] of x~ = [x; 1] in float64 over every token seen, on `device` (where the
+    calibration runs: the tokens never leave it)."""
 
-    def __init__(self, dim: int):
-        self.sum = torch.zeros(dim + 1, dim + 1, dtype=torch.float64)
+    def __init__(self, dim: int, device: torch.device):
+        self.sum = torch.zeros(dim + 1, dim + 1, dtype=torch.float64, device=device)
         self.count = 0
 
     def update(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).to(torch.float64)
         x = torch.cat([x, x.new_ones(x.shape[0], 1)], 1)
-        self.sum += (x.T @ x).cpu()
+        self.sum += x.T @ x
         self.count += x.shape[0]
 
     def value(self) -> torch.Tensor:
@@ -190,6 +191,55 @@ class SecondMoment:
 
 class _Stop(Exception):
     """Raised inside a forward pass once what was wanted has been recorded."""
+
+
+def _floating_own_tensors(module: nn.Module, dtype: torch.dtype) -> list[tuple[dict, str]]:
+    """(dict, name) of the module's own floating parameters and buffers (not its children's) not in `dtype`."""
+    found = []
+    for table in (module._parameters, module._buffers):
+        found += [(table, n) for n, t in table.items() if t is not None and t.is_floating_point() and t.dtype != dtype]
+    return found
+
+
+@contextmanager
+def computing_in(module: nn.Module, dtype: torch.dtype) -> Iterator[None]:
+    """Run the module's forward passes in `dtype` while its tensors stay stored as they are: each submodule's own
+    parameters and buffers are cast when its forward starts and the stored tensors put back when it ends. The
+    results are those of `module.to(dtype)` (the same casts of the same tensors), but only one submodule's cast
+    copies exist at a time instead of the whole layer's: a bfloat16 decoder layer computing in float32 holds its
+    largest matrix in float32, not all of them. A parameter that a parent reads from a child without calling it
+    stays in its stored dtype (a matrix product then fails loudly; the families supported do not do this)."""
+    stored: dict[tuple[int, str], torch.Tensor] = {}
+
+    def cast(sub: nn.Module, *_) -> None:
+        for table, name in _floating_own_tensors(sub, dtype):
+            if (id(table), name) not in stored:
+                stored[(id(table), name)] = table[name]
+                _swap(table, name, table[name].detach().to(dtype))
+
+    def restore(sub: nn.Module, *_) -> None:
+        for table in (sub._parameters, sub._buffers):
+            for name in list(table):
+                if (id(table), name) in stored:
+                    _swap(table, name, stored.pop((id(table), name)))
+
+    handles, subs = [], [sub for sub in module.modules() if _floating_own_tensors(sub, dtype)]
+    for sub in subs:
+        handles.append(sub.register_forward_pre_hook(cast))
+        handles.append(sub.register_forward_hook(restore, always_call=True))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        for sub in subs:
+            restore(sub)  # after an exception inside a forward (the recorders' _Stop), whatever is still cast
+
+
+def _swap(table: dict, name: str, tensor: torch.Tensor) -> None:
+    """Put `tensor` in the module's parameter or buffer slot `name` (a parameter as a parameter)."""
+    old = table[name]
+    table[name] = nn.Parameter(tensor, requires_grad=old.requires_grad) if isinstance(old, nn.Parameter) else tensor
 
 
 @dataclass
@@ -212,7 +262,8 @@ def run_layer(
     outputs: bool = True,
 ) -> LayerRun:
     """Run each calibration batch through one decoder layer, recording the attention's input and output on the way.
-    With outputs=False the pass stops at the attention's input (the rest of the layer is not computed)."""
+    With outputs=False the pass stops at the attention's input (the rest of the layer is not computed). The layer
+    computes in the dtype of the hidden states (`computing_in`), whatever dtype its tensors are stored in."""
     ins: list[torch.Tensor] = []
     outs: list[torch.Tensor] = []
     results: list[torch.Tensor] = []
@@ -231,7 +282,7 @@ def run_layer(
     if attn_out:
         handles.append(attention.register_forward_hook(post_hook))
     try:
-        with torch.no_grad():
+        with torch.no_grad(), computing_in(layer, hidden[0].dtype):
             for h, (args, kwargs) in zip(hidden, layer_args, strict=True):
                 try:
                     out = layer(h, *args, **kwargs)
@@ -249,8 +300,8 @@ def run_layer(
 
 
 def second_moment(batches: list[torch.Tensor]) -> torch.Tensor:
-    """Sigma = E[x~ x~^T] of x~ = [x; 1] over every token of the batches, in float64."""
-    moment = SecondMoment(batches[0].shape[-1])
+    """Sigma = E[x~ x~^T] of x~ = [x; 1] over every token of the batches, in float64 on their device."""
+    moment = SecondMoment(batches[0].shape[-1], batches[0].device)
     for x in batches:
         moment.update(x)
     return moment.value()
@@ -288,20 +339,23 @@ def calibration_batches(tokenizer, specs: tuple[str, ...], tokens: int, seq_len:
 
 def _readout_pairs(
     module: nn.Module, x: list[torch.Tensor], y: list[torch.Tensor], layer_args: list, bias: torch.Tensor | None
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Per calibration sequence: the converted attention's output-projection input u (tokens, n) on its inputs x,
-    and the source attention's output y (tokens, d) less its bias, both float64 on the CPU."""
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Per calibration sequence: the converted attention's output-projection input u (tokens, n) on its inputs x, in
+    the dtype it computes in; the source attention's output y (tokens, d) less its bias, in float64; and the
+    residual y - W u of the converted output projection W (the converted attention's own output; both outputs carry
+    the same bias), in float64; all on the module's device."""
     n = module.o_proj.in_features
-    features: list[torch.Tensor] = []
-    handle = module.o_proj.register_forward_pre_hook(lambda _m, args: features.append(args[0]))
+    recorded: list[tuple[torch.Tensor, torch.Tensor]] = []
+    handle = module.o_proj.register_forward_hook(lambda _m, args, out: recorded.append((args[0], out)))
     try:
-        with torch.no_grad():
+        with torch.no_grad(), computing_in(module, x[0].dtype):
             for xb, yb, (_, kwargs) in zip(x, y, layer_args, strict=True):
-                features.clear()
+                recorded.clear()
                 module(xb, attention_mask=kwargs.get("attention_mask"), position_ids=kwargs.get("position_ids"))
-                for u, target in zip(features[0], yb, strict=True):
-                    target = target.reshape(-1, target.shape[-1]).to(torch.float64).cpu()
-                    yield u.reshape(-1, n).to(torch.float64).cpu(), target if bias is None else target - bias
+                for u, out, target in zip(*recorded[0], yb, strict=True):
+                    target = target.reshape(-1, target.shape[-1]).to(torch.float64)
+                    residual = target - out.reshape(target.shape).to(torch.float64)
+                    yield u.reshape(-1, n), target if bias is None else target - bias, residual
     finally:
         handle.remove()
 
@@ -312,12 +366,14 @@ def readout_statistics(
     """The readout refit's statistics in `folds` folds (calibration sequences dealt round-robin); empty folds are
     left out."""
     n, d = module.o_proj.in_features, module.o_proj.out_features
+    weight = module.o_proj.weight
     stats = [
-        ReadoutStats(torch.zeros(n, n, dtype=torch.float64), torch.zeros(n, d, dtype=torch.float64), 0.0, 0)
+        ReadoutStats(weight.new_zeros(n, n, dtype=torch.float64), weight.new_zeros(n, d, dtype=torch.float64), 0.0, 0)
         for _ in range(folds)
     ]
-    for row, (u, target) in enumerate(_readout_pairs(module, x, y, layer_args, bias)):
+    for row, (u, target, _) in enumerate(_readout_pairs(module, x, y, layer_args, bias)):
         fold = stats[row % folds]
+        u = u.to(torch.float64)
         fold.gram.addmm_(u.T, u)
         fold.cross.addmm_(u.T, target)
         fold.energy += float(target.pow(2).sum())
@@ -326,12 +382,21 @@ def readout_statistics(
 
 
 def readout_samples(
-    module: nn.Module, x: list[torch.Tensor], y: list[torch.Tensor], layer_args: list, bias, folds: int
+    module: nn.Module, x: list[torch.Tensor], y: list[torch.Tensor], layer_args: list, folds: int
 ) -> ReadoutSamples:
-    """The readout refit's calibration samples themselves, each token labelled with its sequence's fold."""
-    us, targets, labels = [], [], []
-    for row, (u, target) in enumerate(_readout_pairs(module, x, y, layer_args, bias)):
-        us.append(u)
-        targets.append(target)
-        labels.append(torch.full((u.shape[0],), row % folds))
-    return ReadoutSamples(torch.cat(us), torch.cat(targets), torch.cat(labels))
+    """The readout refit's calibration samples themselves, each token labelled with its sequence's fold, written into
+    buffers of their final size as they come (a concatenation would hold them twice); u in float32 at least."""
+    tokens = sum(xb.numel() // xb.shape[-1] for xb in x)
+    n, d = module.o_proj.in_features, module.o_proj.out_features
+    u_dtype, device = torch.promote_types(x[0].dtype, torch.float32), x[0].device
+    samples = ReadoutSamples(
+        torch.empty(tokens, n, dtype=u_dtype, device=device),
+        torch.empty(tokens, d, dtype=torch.float64, device=device),
+        torch.empty(tokens, dtype=torch.long, device=device),
+    )
+    start = 0
+    for row, (u, _, residual) in enumerate(_readout_pairs(module, x, y, layer_args, None)):
+        rows = slice(start, start + u.shape[0])
+        samples.u[rows], samples.residual[rows], samples.fold[rows] = u, residual, row % folds
+        start += u.shape[0]
+    return samples

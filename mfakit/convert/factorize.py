@@ -1,6 +1,8 @@
 """The factorization math: one source attention layer (plus the second moment of its input) in, MFA weights out.
 
-Pure functions on tensors; no I/O, no devices, no progress bars. Statistics, eigenproblems and solves are in float64;
+Pure functions on tensors; no I/O, no progress bars, and no device of their own: every tensor is made on the
+device of the inputs (`new_zeros`, `device=`), never on the default device, so the math runs wherever the
+calibration ran (`--device cuda`: on the GPU). Statistics, eigenproblems and solves are in float64;
 the per-head query rows (h, C, d1) and output columns (d, h, C) of a converted layer are in float32
 (PER_HEAD_DTYPE): they grow with heads times latent width (one hidden-4096 layer at C = 1024: 0.5 GB each in float32) and are only ever products
 of float64 factors, rounded once, well above the precision of the checkpoints they are written to.
@@ -63,11 +65,17 @@ class SourceAttention:
     @property
     def group(self) -> Tensor:
         """j(i) for every query head i."""
-        return torch.arange(self.num_heads) // (self.num_heads // self.num_kv_heads)
+        return torch.arange(self.num_heads, device=self.wq.device) // (self.num_heads // self.num_kv_heads)
 
     @property
     def num_pairs(self) -> int:
         return self.rope_freqs.shape[0]
+
+    def without_weights(self) -> SourceAttention:
+        """The same attention with its projections on the meta device (shapes, flags and bias kept): what a
+        converted layer still needs of its source once factorized, without the float64 weights."""
+        meta = {k: getattr(self, k).to("meta") for k in ("wq", "wk", "wv", "wo")}
+        return replace(self, **meta)
 
     def key_pairs(self) -> Tensor:
         """Complex key rows (g, P, d1)."""
@@ -128,14 +136,15 @@ class MFALayer:
         return self.wk.shape[0] if self.wv is None else self.wv.shape[0]
 
 
-def latent_slots(n_pairs: int, n_real: int, width: int) -> tuple[Tensor, Tensor, Tensor]:
+def latent_slots(n_pairs: int, n_real: int, width: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
     """Where the channels of a latent land: (real part of each pair, imaginary part of each pair, each real
-    channel). Pair p takes slots p and p + width/2; real channels fill the remaining slots, real halves first."""
+    channel), as indices on `device`. Pair p takes slots p and p + width/2; real channels fill the remaining slots,
+    real halves first."""
     half = width // 2
     if 2 * n_pairs + n_real > width:
         raise ValueError(f"{n_pairs} pairs and {n_real} real channels do not fit in width {width}")
-    re = torch.arange(n_pairs)
-    free = torch.cat([torch.arange(n_pairs, half), torch.arange(half + n_pairs, width)])
+    re = torch.arange(n_pairs, device=device)
+    free = torch.cat([torch.arange(n_pairs, half, device=device), torch.arange(half + n_pairs, width, device=device)])
     return re, re + half, free[:n_real]
 
 
@@ -143,7 +152,7 @@ def place_channels(lat: Latent, width: int | None = None) -> tuple[Tensor, Tenso
     """Real key rows (C, d1), query rows (h, C, d1) and RoPE table (C/2,) of a latent (unused slots are zero)."""
     width = lat.width if width is None else width
     n_p = lat.pair_rows.shape[0]
-    re, im, real = latent_slots(n_p, lat.real_rows.shape[0], width)
+    re, im, real = latent_slots(n_p, lat.real_rows.shape[0], width, lat.real_rows.device)
     d1 = lat.real_rows.shape[1]
     wk = lat.real_rows.new_zeros(width, d1)
     wk[re], wk[im], wk[real] = lat.pair_rows.real, lat.pair_rows.imag, lat.real_rows
@@ -158,7 +167,7 @@ def place_channels(lat: Latent, width: int | None = None) -> tuple[Tensor, Tenso
 def exact_value_readout(src: SourceAttention, value_slots: Tensor, width: int) -> Tensor:
     """Output projection (d, h, width) that reads head j(i)'s values from the given latent slots (g*d_v of them)."""
     d, h, dv = src.wo.shape
-    wo = torch.zeros(d, h, width, dtype=PER_HEAD_DTYPE)
+    wo = src.wo.new_zeros(d, h, width, dtype=PER_HEAD_DTYPE)
     for i, j in enumerate(src.group.tolist()):
         wo[:, i, value_slots[j * dv : (j + 1) * dv]] = src.wo[:, i].to(PER_HEAD_DTYPE)
     return wo
@@ -171,8 +180,8 @@ def exact_key_latent(src: SourceAttention) -> Latent:
     q_pairs = src.query_pairs()
     q_nope = src.wq[:, 2 * P :]
     n_nope = q_nope.shape[1]
-    q_pair_rows = torch.zeros(h, g, P, d1, dtype=PER_HEAD_COMPLEX)
-    q_real_rows = torch.zeros(h, g, n_nope, d1, dtype=PER_HEAD_DTYPE)
+    q_pair_rows = src.wq.new_zeros(h, g, P, d1, dtype=PER_HEAD_COMPLEX)
+    q_real_rows = src.wq.new_zeros(h, g, n_nope, d1, dtype=PER_HEAD_DTYPE)
     for i, j in enumerate(src.group.tolist()):
         q_pair_rows[i, j], q_real_rows[i, j] = q_pairs[i], q_nope[i]
     return Latent(
@@ -192,7 +201,7 @@ def exact_mfa(src: SourceAttention) -> MFALayer:
     """
     wk, wq, freqs = place_channels(exact_key_latent(src))
     wv = src.wv.reshape(-1, src.wv.shape[2]).clone()
-    wo = exact_value_readout(src, torch.arange(wv.shape[0]), wv.shape[0])
+    wo = exact_value_readout(src, torch.arange(wv.shape[0], device=wv.device), wv.shape[0])
     return MFALayer(wq=wq, wk=wk, wv=wv, wo=wo, bo=src.bo, rope_freqs=freqs, scale=src.scale)
 
 
@@ -204,7 +213,7 @@ def with_value_channels(keys: Latent, values: Tensor) -> Latent:
         pair_freqs=keys.pair_freqs,
         real_rows=torch.cat([keys.real_rows, values]),
         q_pair_rows=keys.q_pair_rows,
-        q_real_rows=torch.cat([keys.q_real_rows, torch.zeros(h, values.shape[0], d1, dtype=PER_HEAD_DTYPE)], 1),
+        q_real_rows=torch.cat([keys.q_real_rows, values.new_zeros(h, values.shape[0], d1, dtype=PER_HEAD_DTYPE)], 1),
     )
 
 
@@ -216,7 +225,7 @@ def exact_mfa_kr(src: SourceAttention) -> MFALayer:
     keys = exact_key_latent(src)
     lat = with_value_channels(keys, src.wv.reshape(-1, src.wv.shape[2]))
     wk, wq, freqs = place_channels(lat)
-    _, _, real = latent_slots(lat.pair_rows.shape[0], lat.real_rows.shape[0], wk.shape[0])
+    _, _, real = latent_slots(lat.pair_rows.shape[0], lat.real_rows.shape[0], wk.shape[0], wk.device)
     wo = exact_value_readout(src, real[keys.real_rows.shape[0] :], wk.shape[0])
     return MFALayer(wq=wq, wk=wk, wv=None, wo=wo, bo=src.bo, rope_freqs=freqs, scale=src.scale)
 
@@ -261,7 +270,7 @@ def nope_low_frequencies(src: SourceAttention, max_angle: float, context: int) -
         *range(P + keep, 2 * P),
         *range(2 * P, src.wk.shape[1]),
     ]
-    idx = torch.tensor(order)
+    idx = torch.tensor(order, device=src.wq.device)
     return replace(src, wq=src.wq[:, idx], wk=src.wk[:, idx], rope_freqs=src.rope_freqs[:keep])
 
 
@@ -296,49 +305,53 @@ def query_energy(src: SourceAttention, sigma: Tensor) -> Tensor:
     return torch.einsum("hcd,de,hce->hc", src.wq, sigma, src.wq)
 
 
-def _weighted_pca(rows: Tensor, weights: Tensor, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Weighted PCA of n_var variables y = rows . x~ (rows (n_var, d1), real or complex), weights (n_var,) >= 0.
+def _weighted_pca(cov: Tensor, weights: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Weighted PCA of n_var variables y (real or complex) with covariance cov = E[y y^H] (n_var, n_var) and
+    weights (n_var,) >= 0.
 
     M = W^{1/2} E[y y^H] W^{1/2} = V diag(lam) V^H. Component k is l_k = sum_v conj(V_vk) sqrt(w_v) y_v; it keeps
     lam_k of the weighted energy. The reconstruction y ~ R l with R = E[y l^H] E[l l^H]^{-1} = E[y y^H] W^{1/2} V
     diag(1/lam) is the least-squares one. Returns (lam (n,), enc (n, n_var), R (n_var, n)), lam descending, with
     the directions that carry nothing (lam below EIG_RTOL of the largest) left out.
     """
-    sigma = sigma.to(rows.dtype)
-    cov = rows @ sigma @ rows.conj().T
-    root_w = weights.clamp_min(0).sqrt().to(rows.dtype)
+    root_w = weights.clamp_min(0).sqrt().to(cov.dtype)
     lam, vec = torch.linalg.eigh(root_w[:, None] * cov * root_w[None, :])
     lam, vec = lam.flip(0), vec.flip(1)
     keep = lam > EIG_RTOL * lam[0].clamp_min(torch.finfo(lam.dtype).tiny)
     lam, vec = lam[keep], vec[:, keep]
     enc = vec.conj().T * root_w[None, :]
-    dec = (cov * root_w[None, :]) @ vec / lam.to(rows.dtype)[None, :]
+    dec = (cov * root_w[None, :]) @ vec / lam.to(cov.dtype)[None, :]
     return lam, enc, dec
 
 
 def key_spectrum(src: SourceAttention, sigma: Tensor) -> list[KeyGroup]:
     """Per-frequency key PCA, weighted by the query energy each key head meets.
 
-    For frequency t the variables are the g complex key pairs z_{j,t}; group j is weighted by w_{j,t} =
-    sum_{i in j} E|z_{q,i,t}|^2, since a key error e_j costs E|Re(z_q conj(e_j) e^{i phi})|^2 = 1/2 w_{j,t} |e_j|^2
-    on average over the relative phase phi. The NoPE channels of all key heads form one real group, weighted the
-    same way per channel.
+    For frequency t the variables are the g complex key pairs z_{j,t} = a_{j,t} + i b_{j,t} (channels t and
+    P + t); group j is weighted by w_{j,t} = sum_{i in j} E|z_{q,i,t}|^2, since a key error e_j costs
+    E|Re(z_q conj(e_j) e^{i phi})|^2 = 1/2 w_{j,t} |e_j|^2 on average over the relative phase phi. The NoPE
+    channels of all key heads form one real group, weighted the same way per channel. Every covariance is a block
+    of the real key covariance K = W_k Sigma W_k^T ((g d_h)^2, one product):
+    E[z_j conj(z_k)] = K_aa + K_bb + i (K_ba - K_ab).
     """
-    g, P = src.num_kv_heads, src.num_pairs
+    g, P, dh = src.num_kv_heads, src.num_pairs, src.wk.shape[1]
     energy = query_energy(src, sigma)
     group = src.group
-    heads_per_group = torch.zeros(g, src.num_heads, dtype=energy.dtype)
-    heads_per_group[group, torch.arange(src.num_heads)] = 1.0
+    heads_per_group = energy.new_zeros(g, src.num_heads)
+    heads_per_group[group, torch.arange(src.num_heads, device=energy.device)] = 1.0
     pair_w = heads_per_group @ (energy[:, :P] + energy[:, P : 2 * P])  # (g, P)
-    keys = src.key_pairs()
+    rows = src.wk.reshape(g * dh, -1)
+    cov = (rows @ sigma.to(rows.dtype) @ rows.T).reshape(g, dh, g, dh)
     groups = []
-    for t in range(P):
-        lam, enc, dec = _weighted_pca(keys[:, t], pair_w[:, t], sigma)
-        groups.append(KeyGroup(float(src.rope_freqs[t]), True, lam, enc, dec))
-    nope_rows = src.wk[:, 2 * P :]
-    if nope_rows.shape[1]:
+    for t, freq in enumerate(src.rope_freqs.tolist()):
+        a, b = t, P + t
+        pair_cov = torch.complex(cov[:, a, :, a] + cov[:, b, :, b], cov[:, b, :, a] - cov[:, a, :, b])
+        lam, enc, dec = _weighted_pca(pair_cov, pair_w[:, t])
+        groups.append(KeyGroup(freq, True, lam, enc, dec))
+    if dh > 2 * P:
         nope_w = (heads_per_group @ energy[:, 2 * P :]).reshape(-1)
-        lam, enc, dec = _weighted_pca(nope_rows.reshape(-1, nope_rows.shape[2]), nope_w, sigma)
+        nope_cov = cov[:, 2 * P :, :, 2 * P :].reshape(g * (dh - 2 * P), g * (dh - 2 * P))
+        lam, enc, dec = _weighted_pca(nope_cov, nope_w)
         groups.append(KeyGroup(0.0, False, lam, enc, dec))
     return groups
 
@@ -354,7 +367,7 @@ def choose_components(groups: list[KeyGroup], n_channels: int) -> list[int]:
 
     def ranked(is_complex: bool) -> list[tuple[float, int]]:
         # A stable sort on the gain alone keeps each group's components in order where gains tie.
-        found = [(float(g), idx) for idx, gr in enumerate(groups) if gr.is_complex == is_complex for g in gr.gains]
+        found = [(g, idx) for idx, gr in enumerate(groups) if gr.is_complex == is_complex for g in gr.gains.tolist()]
         return sorted(found, key=lambda c: -c[0])
 
     pairs, reals = ranked(True), ranked(False)
@@ -386,9 +399,9 @@ def key_latent(src: SourceAttention, groups: list[KeyGroup], counts: list[int]) 
     pair_counts = [n for gr, n in zip(groups, counts, strict=True) if gr.is_complex]
     pair_rows = keys.new_zeros(sum(pair_counts), d1)
     pair_freqs = src.rope_freqs.new_zeros(sum(pair_counts))
-    q_pairs = torch.zeros(h, sum(pair_counts), d1, dtype=PER_HEAD_COMPLEX)
+    q_pairs = queries.new_zeros(h, sum(pair_counts), d1, dtype=PER_HEAD_COMPLEX)
     real_rows = src.wk.new_zeros(0, d1)
-    q_reals = torch.zeros(h, 0, d1, dtype=PER_HEAD_DTYPE)
+    q_reals = src.wq.new_zeros(h, 0, d1, dtype=PER_HEAD_DTYPE)
     start = 0
     # key_spectrum lists the RoPE pairs first, in pair order, so group t of a complex group is pair t; the one real
     # (NoPE) group, if any, comes last.
@@ -449,7 +462,8 @@ def ls_readout(target: Tensor, enc: Tensor, sigma: Tensor, ridge: float = 1e-9) 
     """Least-squares reconstruction R (m, n) of the variables target . x~ (rows (m, d1)) from the channels
     enc . x~ (rows (n, d1)): R = T Sigma E^T (E Sigma E^T)^{-1}, with a tiny relative ridge for rank-deficient E."""
     gram = enc @ sigma @ enc.T
-    gram = gram + ridge * gram.diagonal().mean().clamp_min(1e-30) * torch.eye(gram.shape[0], dtype=gram.dtype)
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    gram = gram + ridge * gram.diagonal().mean().clamp_min(1e-30) * eye
     return torch.linalg.solve(gram, enc @ sigma @ target.T).T
 
 
@@ -457,8 +471,12 @@ def value_readout(src: SourceAttention, latent_rows: Tensor, sigma: Tensor) -> T
     """Output projection (d, h, n) reading the values from latent channels latent_rows (n, d1): O'_i = W_O^i R_{j(i)}
     with R the least-squares reconstruction of head j(i)'s values."""
     g, dv = src.num_kv_heads, src.wv.shape[1]
-    R = ls_readout(src.wv.reshape(g * dv, -1), latent_rows, sigma).reshape(g, dv, -1)
-    return torch.einsum("dhv,hvn->dhn", src.wo.to(PER_HEAD_DTYPE), R[src.group].to(PER_HEAD_DTYPE))
+    R = ls_readout(src.wv.reshape(g * dv, -1), latent_rows, sigma).reshape(g, dv, -1).to(PER_HEAD_DTYPE)
+    # Head by head into one contiguous (d, h, n) tensor: the refit later updates it in place as a (d, h n) matrix.
+    wo = R.new_empty(src.wo.shape[0], src.num_heads, R.shape[2])
+    for i, j in enumerate(src.group.tolist()):
+        torch.mm(src.wo[:, i].to(PER_HEAD_DTYPE), R[j], out=wo[:, i])
+    return wo
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -482,8 +500,8 @@ def compress_mfa_kr(src: SourceAttention, sigma: Tensor, kv_dim: int, key_channe
     key_real_rows = torch.cat([keys.pair_rows.real, keys.pair_rows.imag, keys.real_rows])
     n_values = kv_dim - 2 * keys.pair_rows.shape[0] - keys.real_rows.shape[0]
     values = value_rows(src, sigma, n_values, basis=key_real_rows)
-    lat = with_value_channels(keys, values)
-    wk, wq, freqs = place_channels(lat, kv_dim)
+    wk, wq, freqs = place_channels(with_value_channels(keys, values), kv_dim)
+    del keys  # its per-head query rows, as large as wq, are laid out in wq now
     wo = value_readout(src, wk, sigma)
     return MFALayer(wq=wq, wk=wk, wv=None, wo=wo, bo=src.bo, rope_freqs=freqs, scale=src.scale)
 

@@ -88,10 +88,10 @@ class ConvertOptions:
     width C): exactly one. share_q_dim: rank of a shared query down-projection (None: unfactored). calibration:
     one or more text specs (see `mfakit.texts`; several are mixed in equal shares), read for calibration_tokens
     tokens in windows of calibration_seq_len.
-    device, dtype: where and in which precision the calibration forward passes run (converted tensors keep the
-    source's dtype). approximate_qk_norm: for QK-norm families, fold the norms into the projections (the plain MFA
+    device, dtype: where the calibration forward passes and the factorization math run, and the forward passes'
+    precision (the math is float64; converted tensors keep the source's dtype). approximate_qk_norm: for QK-norm families, fold the norms into the projections (the plain MFA
     layout, never exact) instead of the exact layer that reads the normalised keys. max_shard_mb: output
-    shard size. refit_memory_gb: memory for the output refit (statistics, else samples, else skipped). overwrite:
+    shard size. refit_memory_gb: memory (on `device`) for the output refit (statistics, else samples, else skipped). overwrite:
     replace an existing output folder. resume: continue a killed run into the same output. progress: a progress bar.
     """
 

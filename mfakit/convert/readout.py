@@ -1,6 +1,6 @@
 """The output refit: a ridge regression of the converted layer's output projection on the source attention's
 output, from per-fold statistics or, where those would not fit, from the calibration samples (kernel form). Pure
-functions on tensors, like the factorization they refine."""
+functions on tensors, like the factorization they refine, on the device of their inputs."""
 
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def _ridge_readout(stats: ReadoutStats, prior: Tensor, ridge: float) -> Tensor:
     """argmin_W sum_t ||y_t - W u_t||^2 + lam ||W - prior||^2 with lam = ridge * mean(diag(gram))
     = (cross^T + lam prior) (gram + lam I)^{-1}; (d, n)."""
     lam = ridge * stats.gram.diagonal().mean().clamp_min(1e-30)
-    eye = torch.eye(stats.gram.shape[0], dtype=stats.gram.dtype)
+    eye = torch.eye(stats.gram.shape[0], dtype=stats.gram.dtype, device=stats.gram.device)
     return torch.linalg.solve(stats.gram + lam * eye, stats.cross + lam * prior.T).T
 
 
@@ -75,47 +75,57 @@ def choose_ridge(folds: list[ReadoutStats], prior: Tensor) -> float:
 @dataclass
 class ReadoutSamples:
     """The readout refit's calibration data kept whole, for layers with more readout features n than tokens N, where
-    the (n, n) statistics would not fit: u (N, n) the converted layer's output-projection inputs, y (N, d) the source
-    attention outputs (bias removed), and fold (N,) the cross-validation fold of each token."""
+    the (n, n) statistics would not fit: u (N, n) the converted layer's output-projection inputs (float32: the
+    converted attention computes them in it), residual (N, d) the source attention's output less the converted one's
+    (float64), and fold (N,) the cross-validation fold of each token."""
 
     u: Tensor
-    y: Tensor
+    residual: Tensor
     fold: Tensor
 
 
-def _dual_ridge_readout(u: Tensor, y: Tensor, prior: Tensor, ridge: float) -> Tensor:
-    """The minimiser of `_ridge_readout` from samples: W = P + ((K + lam I)^{-1} (Y - U P^T))^T U with the (N, N)
-    kernel K = U U^T and lam = ridge * mean(diag(U^T U)). Equal to the primal form by the push-through identity
-    (U^T U + lam I)^{-1} U^T = U^T (U U^T + lam I)^{-1}; (d, n)."""
-    lam = ridge * float(u.pow(2).sum() / u.shape[1])
-    kernel = u @ u.T
-    kernel.diagonal().add_(max(lam, 1e-30))
-    return (torch.linalg.solve(kernel, y - u @ prior.T).T @ u).add_(prior)
+KERNEL_BLOCK = 4096  # readout features cast to float64 at a time (the kernel's sums, the readout's update)
 
 
-def choose_ridge_dual(samples: ReadoutSamples, prior: Tensor) -> float:
-    """`choose_ridge` on samples: the same rule and the same leave-one-fold-out error, from one (N, N) kernel whose
-    training block is diagonalised once per fold for all ridges (predictions of held-out tokens:
-    U_h P^T + K_ht V diag(1 / (lam_i + lam)) V^T (Y_t - U_t P^T) for K_tt = V diag(lam_i) V^T)."""
-    tokens, n = samples.u.shape
-    folds = samples.fold.unique()
-    fixed = _fixed_ridge(tokens, n, len(folds))
+def sample_kernel(u: Tensor) -> Tensor:
+    """K = U U^T in float64, (N, N), summed over blocks of KERNEL_BLOCK features so that no float64 copy of U
+    exists."""
+    kernel = torch.zeros(u.shape[0], u.shape[0], dtype=torch.float64, device=u.device)
+    for block in u.split(KERNEL_BLOCK, dim=1):
+        block = block.to(torch.float64)
+        kernel.addmm_(block, block.T)
+    return kernel
+
+
+def choose_ridge_dual(kernel: Tensor, residual: Tensor, fold: Tensor, features: int) -> float:
+    """`choose_ridge` on samples: the same rule and the same leave-one-fold-out error, from the (N, N) kernel
+    K = U U^T and the residuals R = Y - U P^T, whose training block is diagonalised once per fold for all ridges
+    (predicted held-out residuals: K_ht V diag(1 / (lam_i + lam)) V^T R_t for K_tt = V diag(lam_i) V^T)."""
+    folds = fold.unique()
+    fixed = _fixed_ridge(kernel.shape[0], features, len(folds))
     if fixed is not None:
         return fixed
-    kernel = samples.u @ samples.u.T
-    base = samples.u @ prior.T
-    energy = samples.u.pow(2).sum(1)
+    energy = kernel.diagonal()
     errors = dict.fromkeys(RIDGES, 0.0)
     for k in folds:
-        held, train = samples.fold == k, samples.fold != k
+        held, train = fold == k, fold != k
         lam, vec = torch.linalg.eigh(kernel[train][:, train])
-        a = vec.T @ (samples.y[train] - base[train])
+        a = vec.T @ residual[train]
         b = kernel[held][:, train] @ vec
-        scale = float(energy[train].sum() / n)
+        scale = float(energy[train].sum() / features)
         for ridge in RIDGES:
-            predicted = base[held] + (b / (lam + ridge * scale)) @ a
-            errors[ridge] += float((samples.y[held] - predicted).pow(2).sum())
+            errors[ridge] += float((residual[held] - (b / (lam + ridge * scale)) @ a).pow(2).sum())
     return min(errors, key=errors.get)
+
+
+def dual_readout_update(kernel: Tensor, residual: Tensor, ridge: float, features: int) -> Tensor:
+    """The coefficients A = (K + lam I)^{-1} R, (N, d), with lam = ridge * trace(K) / n, of the minimiser of
+    `_ridge_readout` from samples: W = P + A^T U. Equal to the primal form by the push-through identity
+    (U^T U + lam I)^{-1} U^T = U^T (U U^T + lam I)^{-1}."""
+    lam = ridge * float(kernel.diagonal().sum() / features)
+    shifted = kernel.clone()
+    shifted.diagonal().add_(max(lam, 1e-30))
+    return torch.linalg.solve(shifted, residual)
 
 
 def refit_from_statistics(layer: MFALayer, folds: list[ReadoutStats]) -> tuple[MFALayer, float]:
@@ -129,21 +139,30 @@ def refit_from_statistics(layer: MFALayer, folds: list[ReadoutStats]) -> tuple[M
     return replace(layer, wo=wo.reshape(d, h, v).to(layer.wo.dtype)), ridge
 
 
-def refit_from_samples(layer: MFALayer, samples: ReadoutSamples) -> tuple[MFALayer, float]:
+def refit_from_samples_(layer: MFALayer, samples: ReadoutSamples) -> float:
     """`refit_from_statistics` from the samples themselves, in kernel form (same minimiser, same ridge rule), for
-    layers whose (n, n) statistics would not fit in memory."""
+    layers whose (n, n) statistics would not fit in memory; the layer's output projection is updated in place,
+    W += A^T U a block of features at a time (at 70B scale a second (d, n) copy would be gigabytes). Returns the
+    ridge."""
     d, h, v = layer.wo.shape
-    prior = layer.wo.reshape(d, h * v).to(samples.u.dtype)
-    ridge = choose_ridge_dual(samples, prior)
-    wo = _dual_ridge_readout(samples.u, samples.y, prior, ridge)
-    return replace(layer, wo=wo.reshape(d, h, v).to(layer.wo.dtype)), ridge
+    kernel = sample_kernel(samples.u)
+    ridge = choose_ridge_dual(kernel, samples.residual, samples.fold, h * v)
+    update = dual_readout_update(kernel, samples.residual, ridge, h * v)
+    if not layer.wo.is_contiguous():
+        layer.wo = layer.wo.contiguous()
+    wo = layer.wo.view(d, h * v)
+    for start, block in zip(range(0, h * v, KERNEL_BLOCK), samples.u.split(KERNEL_BLOCK, dim=1), strict=True):
+        # In float64: A is large along the kernel's weak directions, and its product with U cancels there.
+        wo[:, start : start + block.shape[1]] += (update.T @ block.to(torch.float64)).to(wo.dtype)
+    return ridge
 
 
 def refit_memory(features: int, d: int, tokens: int, folds: int) -> dict[str, int]:
     """Bytes the output refit needs from statistics ((folds + 1) (n, n + d) sums in float64) and from samples (the
-    (N, n + d) samples in float64 twice over, the (N, N) kernel and the buffers of its solves, and the prior and
-    refit (d, n) readouts), for n readout features, model width d and N calibration tokens."""
+    (N, n) output-projection inputs in float32, the (N, d) residuals and the coefficients in float64, a float64 block
+    of the inputs, the (N, N) kernel and the buffers of its eigenproblems and solves), for n readout features, model
+    width d and N calibration tokens."""
     return {
         "statistics": (folds + 1) * features * (features + d) * 8,
-        "samples": 2 * tokens * (features + d) * 8 + 4 * tokens * tokens * 8 + 2 * d * features * 8,
+        "samples": tokens * features * 4 + 3 * tokens * d * 8 + tokens * KERNEL_BLOCK * 8 + 5 * tokens * tokens * 8,
     }

@@ -36,6 +36,7 @@ from mfakit.convert.calibration import (
     LayerInputs,
     Streams,
     calibration_batches,
+    computing_in,
     free_outside_layers,
     load_module,
     readout_samples,
@@ -47,7 +48,7 @@ from mfakit.convert.calibration import (
 from mfakit.convert.plan import ConversionPlan, ConvertOptions, convert_layer, is_exact, plan_conversion
 from mfakit.convert.readout import (
     TOKENS_PER_FEATURE_UNREGULARISED,
-    refit_from_samples,
+    refit_from_samples_,
     refit_from_statistics,
     refit_memory,
 )
@@ -245,7 +246,9 @@ def convert_one_layer(
     plan: ConversionPlan, options: ConvertOptions, run: ConversionRun, i: int, streams: Streams, layer_args: list
 ) -> Streams:
     """Layer i: its other tensors passed through, its attention calibrated, factorized, refit and written; returns
-    the hidden states entering layer i + 1."""
+    the hidden states entering layer i + 1. The layer stays in its checkpoint's dtype (each pass computes in the
+    streams' dtype, `run_layer`) and is released while its attention is factorized and refit, the step whose
+    working set is largest, then read again for the pass that follows."""
     layout, method, compute = plan.layout, options.method, DTYPES[options.dtype]
     layer_path = f"{layout.layers_path}.{i}"
     layer = load_module(plan.skeleton, layer_path, plan.ckpt)
@@ -253,7 +256,7 @@ def convert_one_layer(
     attention = layer.get_submodule(layout.attention_name)
     run.state.out_dtype = str(next(attention.parameters()).dtype).removeprefix("torch.")
     pre = pre_latent(layout, attention, plan.config, options.variant) if plan.qk_norm == "exact" else None
-    layer.to(device=options.device, dtype=compute)
+    layer.to(device=options.device)
     wants_out = method.refit or method.tune_steps > 0
     source_run = run_layer(layer, attention, streams.source, layer_args, attn_in=True, attn_out=wants_out)
     x = source_run.attn_in
@@ -269,20 +272,27 @@ def convert_one_layer(
         calib_inputs=x,
     )
     exact = is_exact(src, options.variant, plan.kv_dim, plan.v_dim)
-    sigma = second_moment(normalised_inputs(layout, attention, plan.config, x) if pre else x)
+    with computing_in(attention, compute):
+        sigma = second_moment(normalised_inputs(layout, attention, plan.config, x) if pre else x)
+    layer.to("meta")
     mfa = convert_layer(src, sigma, options.variant, plan.kv_dim, plan.v_dim, method, plan.nope_context)
+    src = src.without_weights()
     if method.refit and not exact:
         mfa = refit_output(plan, options, run, i, (mfa, src, pre), x, source_run.attn_out, layer_args)
     if method.tune_steps and not exact and pre is None:
         mfa = tune_output(plan, options, i, (mfa, src), sigma, x, source_run.attn_out, layer_args)
     layer_config, tensors = write_converted(plan, options, run, i, (mfa, src, pre), sigma)
+    del mfa, sigma  # the written tensors replace their float32 forms
     if method.sequential and not exact:
+        load_module(plan.skeleton, layer_path, plan.ckpt, exclude=(layout.attention_prefix(i) + ".",))
         converted = mfa_module(plan.config, options.variant, layout, layer_config, tensors, i)
-        layer.set_submodule(layout.attention_name, converted.to(device=options.device, dtype=compute))
+        layer.set_submodule(layout.attention_name, converted)
+        layer.to(device=options.device)
         converted_stream = run_layer(layer, converted, streams.converted_or_source, layer_args).hidden
     elif streams.converted is None:
         converted_stream = None  # nothing converted has changed the hidden states yet
     else:
+        load_module(plan.skeleton, layer_path, plan.ckpt).to(device=options.device)
         converted_stream = run_layer(layer, attention, streams.converted, layer_args).hidden
     layer.to("meta")
     return Streams(source_run.hidden, converted_stream)
@@ -332,9 +342,10 @@ def refit_output(
             f"layer {i}: output refit from the {tokens} calibration samples (its statistics would need "
             f"{need / 1e9:.1f} GB > refit_memory_gb {limit}); same for wider layers",
         )
-    module = working_module(plan, options, i, (mfa, src, pre)).to(dtype=DTYPES[options.dtype])
+    module = working_module(plan, options, i, (mfa, src, pre))
     if way == "samples":
-        return refit_from_samples(mfa, readout_samples(module, x, target, layer_args, src.bo, folds))[0]
+        refit_from_samples_(mfa, readout_samples(module, x, target, layer_args, folds))
+        return mfa
     return refit_from_statistics(mfa, readout_statistics(module, x, target, layer_args, src.bo, folds))[0]
 
 
@@ -387,7 +398,12 @@ def write_converted(
     mfa, src, pre = layer
     fz.balance_(mfa, sigma)
     q_factors = fz.factor_query(mfa, sigma, options.share_q_dim) if options.share_q_dim else None
-    tensors = mfa_tensors(plan.layout, i, mfa, src, getattr(torch, run.state.out_dtype), q_factors, pre)
+    out_dtype = getattr(torch, run.state.out_dtype)
+    # The largest two in the output dtype one after the other, each replacing its float32 form (the caller's
+    # layer is not read again), so that both forms of both never exist at once.
+    mfa.wq = mfa.wq.to(out_dtype)
+    mfa.wo = mfa.wo.to(out_dtype)
+    tensors = mfa_tensors(plan.layout, i, mfa, src, out_dtype, q_factors, pre)
     for name, tensor in tensors.items():
         run.writer.add(name, tensor)
     share_q_dim = q_factors[0].shape[0] if q_factors else None
