@@ -53,7 +53,7 @@ bench-finetune: $(STAMP)
 	$(PY) scripts/bench_finetune.py --out bench-out/finetune
 
 bench-scale: $(STAMP)
-	$(PY) scripts/bench_scale.py --out bench-out/scale
+	$(PY) scripts/bench_scale.py --out bench-out/scale --end-to-end
 
 bench-speed: $(STAMP)
 	$(PY) scripts/bench_speed.py --out bench-out/speed

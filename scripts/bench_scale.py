@@ -1,35 +1,81 @@
-"""Conversion cost: wall time and peak resident memory of `mfakit convert`, each run in a fresh process, for
-SmolLM2-135M-Instruct and for synthetic Llama-shaped checkpoints of random weights (hidden 4096, about 2 and 8 GB
-in 8 shards, written by scripts/synthetic_checkpoint.py: the same layers, 4x as many), next to the checkpoint's
-size and the peak of a process that only imports mfakit.
+"""Conversion cost at real model sizes: wall time, time per layer and peak resident memory of `mfakit convert`, each
+run in a fresh process, for SmolLM2-135M-Instruct and for synthetic Llama-shaped checkpoints of random bf16 weights
+written by scripts/synthetic_checkpoint.py: two 7B-shaped layers (hidden 4096, 32/8 heads, MLP 16384), two
+70B-shaped layers (hidden 8192, 64/8 heads, MLP 28672) and, with --end-to-end, a whole 32-layer 7B-shaped model
+(MLP 14336: about 14 GB; the conversion writes about 29 GB and takes about half an hour on 2 cores).
 
     python scripts/bench_scale.py --out bench-out/scale                       # CPU
+    python scripts/bench_scale.py --out bench-out/scale --end-to-end          # and the whole 7B-shaped model
     python scripts/bench_scale.py --out bench-out/scale --device cuda         # a GPU machine
 
-Writes scale.md and scale.json into --out.
+Peak memory is the process's own high-water mark, reported beyond a process that only imports mfakit and as a
+share of the checkpoint; swapped-out pages are read from /proc/vmstat around each run. Writes scale.md and
+scale.json into --out; each converted output is deleted after its run (they are large).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from benchlib import machine_name, run_measured, smollm2, write_report
 
 
-def measured(*argv: str) -> tuple[float, float, str]:
-    """(seconds, peak RSS in GB, stderr) of a fresh process running `mfakit ARGV`."""
-    run = run_measured(list(argv))
-    if run.returncode != 0:
-        raise SystemExit(f"mfakit {' '.join(argv)} failed:\n{run.stderr[-3000:]}")
-    return run.seconds, run.peak_rss_bytes / 1e9, run.stderr
+@dataclass(frozen=True)
+class Shape:
+    """A synthetic checkpoint: its folder name and the arguments of synthetic_checkpoint.py."""
+
+    name: str
+    label: str
+    args: tuple[str, ...]
+
+
+SEVEN_B_LAYERS = Shape("synthetic-7b-2", "7B-shaped layers", ("--layers", "2", "--shards", "2"))
+SEVENTY_B_LAYERS = Shape(
+    "synthetic-70b-2",
+    "70B-shaped layers",
+    (
+        "--layers",
+        "2",
+        "--hidden",
+        "8192",
+        "--heads",
+        "64",
+        "--kv-heads",
+        "8",
+        "--intermediate",
+        "28672",
+        "--shards",
+        "2",
+    ),
+)
+SEVEN_B_MODEL = Shape(
+    "synthetic-7b-32", "7B-shaped model, end to end", ("--layers", "32", "--intermediate", "14336", "--shards", "8")
+)
+
+
+def swapped_out_pages() -> int:
+    for line in Path("/proc/vmstat").read_text().splitlines():
+        if line.startswith("pswpout "):
+            return int(line.split()[1])
+    return 0
 
 
 def weight_gb(folder: Path) -> float:
     return sum(f.stat().st_size for f in folder.glob("*.safetensors")) / 1e9
+
+
+def synthetic(work: Path, shape: Shape) -> Path:
+    folder = work / shape.name
+    if not (folder / "config.json").exists():
+        script = Path(__file__).with_name("synthetic_checkpoint.py")
+        subprocess.run([sys.executable, str(script), str(folder), *shape.args, "--overwrite"], check=True)
+    return folder
 
 
 def main() -> None:
@@ -37,63 +83,69 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench-out/scale"))
     parser.add_argument("--work", type=Path, default=Path("bench-out/work"))
     parser.add_argument("--device", default="cpu")
-    parser.add_argument(
-        "--gigabytes", type=float, nargs="+", default=[2.0, 8.0], help="sizes of the synthetic checkpoints"
-    )
     parser.add_argument("--synthetic-calib-tokens", type=int, default=2048)
+    parser.add_argument("--end-to-end", action="store_true", help="also convert the whole 32-layer 7B-shaped model")
     parser.add_argument("--skip-synthetic", action="store_true")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     args.work.mkdir(parents=True, exist_ok=True)
-    _, imports_gb, _ = measured()
+    imports = run_measured([])
     cases = [("SmolLM2-135M-Instruct", smollm2(args.work), [])]
-    for gigabytes in [] if args.skip_synthetic else args.gigabytes:
-        synthetic = args.work / f"synthetic-{gigabytes:g}gb"
-        if not (synthetic / "config.json").exists():
-            script = Path(__file__).with_name("synthetic_checkpoint.py")
-            subprocess.run(
-                [sys.executable, str(script), str(synthetic), "--gigabytes", str(gigabytes), "--overwrite"],
-                check=True,
-            )
-        calib = ["--calib-tokens", str(args.synthetic_calib_tokens)]
-        cases.append((f"synthetic Llama, {gigabytes:g} GB", synthetic, calib))
+    shapes = [] if args.skip_synthetic else [SEVEN_B_LAYERS, SEVENTY_B_LAYERS]
+    shapes += [SEVEN_B_MODEL] if args.end_to_end else []
+    calib = ["--calib-tokens", str(args.synthetic_calib_tokens)]
+    cases += [(shape.label, synthetic(args.work, shape), calib) for shape in shapes]
     rows = []
     for name, source, extra in cases:
         out = args.work / f"{source.name}-scale-kr"
         argv = ["convert", str(source), str(out), "--variant", "mfa-kr", "--kv-ratio", "0.5", "--overwrite"]
-        seconds, peak_gb, stderr = measured(*argv, "--quiet", "--device", args.device, *extra)
+        swapped = swapped_out_pages()
+        run = run_measured([*argv, "--quiet", "--device", args.device, *extra])
+        if run.returncode != 0:
+            raise SystemExit(f"mfakit {' '.join(argv)} failed:\n{run.stderr[-3000:]}")
+        swapped = swapped_out_pages() - swapped
+        shutil.rmtree(out)
         config = json.loads((source / "config.json").read_text())
+        checkpoint_gb = weight_gb(source)
         rows.append(
             {
                 "model": name,
                 "layers": config["num_hidden_layers"],
                 "hidden": config["hidden_size"],
-                "checkpoint_gb": weight_gb(source),
-                "shards": len(list(source.glob("*.safetensors"))),
+                "heads": f"{config['num_attention_heads']}/{config['num_key_value_heads']}",
+                "mlp": config["intermediate_size"],
+                "checkpoint_gb": checkpoint_gb,
                 "calibration_tokens": int(extra[1]) if extra else 16384,
-                "seconds": seconds,
-                "peak_rss_gb": peak_gb,
-                "refit_skipped": "output refit skipped" in stderr,
-                "refit_from_samples": "output refit from the" in stderr,
+                "seconds": run.seconds,
+                "seconds_per_layer": run.seconds / config["num_hidden_layers"],
+                "peak_rss_gb": run.peak_rss_bytes / 1e9,
+                "peak_beyond_imports_gb": (run.peak_rss_bytes - imports.peak_rss_bytes) / 1e9,
+                "peak_share_of_checkpoint": run.peak_rss_bytes / 1e9 / checkpoint_gb,
+                "swapped_out_pages": swapped,
+                "refit": "skipped" if "output refit skipped" in run.stderr else "yes",
+                "refit_from_samples": "output refit from the" in run.stderr,
             }
         )
         print(rows[-1], flush=True)
     machine = machine_name(args.device)
     lines = [
-        f"Conversion to MFA-KR at kv-ratio 0.5 (default method) on {machine}; peak RSS of a process that only "
-        f"imports mfakit: {imports_gb:.2f} GB.",
+        f"Conversion to MFA-KR at kv-ratio 0.5 (default method, output refit included) on {machine}; peak RSS of a "
+        f"process that only imports mfakit: {imports.peak_rss_bytes / 1e9:.2f} GB.",
         "",
-        "| model | layers | hidden | checkpoint | shards | calibration tokens | wall time | peak RSS | refit |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| model | layers | hidden | heads | MLP | checkpoint | calibration tokens | wall time | per layer | peak RSS "
+        "| beyond imports | peak / checkpoint | swapped out | refit |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        refit = "skipped (memory limit)" if r["refit_skipped"] else "yes"
-        refit += " (from samples)" if r["refit_from_samples"] else ""
+        refit = r["refit"] + (" (from samples)" if r["refit_from_samples"] else "")
         lines.append(
-            f"| {r['model']} | {r['layers']} | {r['hidden']} | {r['checkpoint_gb']:.2f} GB | {r['shards']} | "
-            f"{r['calibration_tokens']:,} | {r['seconds']:.0f} s | {r['peak_rss_gb']:.2f} GB | {refit} |"
+            f"| {r['model']} | {r['layers']} | {r['hidden']} | {r['heads']} | {r['mlp']} | "
+            f"{r['checkpoint_gb']:.2f} GB | {r['calibration_tokens']:,} | {r['seconds']:.0f} s | "
+            f"{r['seconds_per_layer']:.0f} s | {r['peak_rss_gb']:.2f} GB | {r['peak_beyond_imports_gb']:.2f} GB | "
+            f"{100 * r['peak_share_of_checkpoint']:.0f}% | {r['swapped_out_pages']} pages | {refit} |"
         )
-    write_report(args.out, "scale", lines, {"machine": machine, "imports_peak_gb": imports_gb, "rows": rows})
+    data = {"machine": machine, "imports_peak_gb": imports.peak_rss_bytes / 1e9, "rows": rows}
+    write_report(args.out, "scale", lines, data)
 
 
 if __name__ == "__main__":

@@ -122,7 +122,7 @@ def instrument() -> None:
             "working_module",
             "readout_samples",
             "readout_statistics",
-            "refit_from_samples",
+            "refit_from_samples_",
             "refit_from_statistics",
             "release_freed_memory",
             "start_streams",
@@ -143,19 +143,16 @@ def instrument() -> None:
             "compress_mfa",
         ],
         readout: [
-            "choose_ridge_dual",
             "sample_kernel",
-            "prior_residual",
-            "_dual_coefficients",
-            "_dual_readout_into",
+            "choose_ridge_dual",
+            "dual_readout_update",
             "choose_ridge",
             "_ridge_readout",
         ],
     }
     for module, names in targets.items():
         for name in names:
-            if hasattr(module, name):
-                setattr(module, name, wrapped(name, getattr(module, name)))
+            setattr(module, name, wrapped(name, getattr(module, name)))
     for name in ("add",):
         setattr(ShardedWriter, name, wrapped(f"writer.{name}", getattr(ShardedWriter, name)))
     layer_done = recipe.ConversionRun.layer_done

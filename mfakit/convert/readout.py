@@ -160,9 +160,12 @@ def refit_from_samples_(layer: MFALayer, samples: ReadoutSamples) -> float:
 def refit_memory(features: int, d: int, tokens: int, folds: int) -> dict[str, int]:
     """Bytes the output refit needs from statistics ((folds + 1) (n, n + d) sums in float64) and from samples (the
     (N, n) output-projection inputs in float32, the (N, d) residuals and the coefficients in float64, a float64 block
-    of the inputs, the (N, N) kernel and the buffers of its eigenproblems and solves), for n readout features, model
-    width d and N calibration tokens."""
+    of the inputs and of the update, the (N, N) kernel and the buffers of its eigenproblems and solves), for n readout
+    features, model width d and N calibration tokens."""
     return {
         "statistics": (folds + 1) * features * (features + d) * 8,
-        "samples": tokens * features * 4 + 3 * tokens * d * 8 + tokens * KERNEL_BLOCK * 8 + 5 * tokens * tokens * 8,
+        "samples": tokens * features * 4
+        + 3 * tokens * d * 8
+        + (tokens + d) * KERNEL_BLOCK * 8
+        + 5 * tokens * tokens * 8,
     }
