@@ -89,10 +89,11 @@ class ConvertOptions:
     one or more text specs (see `mfakit.texts`; several are mixed in equal shares), read for calibration_tokens
     tokens in windows of calibration_seq_len.
     device, dtype: where the calibration forward passes and the factorization math run, and the forward passes'
-    precision (the math is float64; converted tensors keep the source's dtype). approximate_qk_norm: for QK-norm families, fold the norms into the projections (the plain MFA
-    layout, never exact) instead of the exact layer that reads the normalised keys. max_shard_mb: output
-    shard size. refit_memory_gb: memory (on `device`) for the output refit (statistics, else samples, else skipped). overwrite:
-    replace an existing output folder. resume: continue a killed run into the same output. progress: a progress bar.
+    precision (the math is float64; converted tensors keep the source's dtype). approximate_qk_norm: for QK-norm
+    families, fold the norms into the projections (the plain MFA layout, never exact) instead of the exact layer that
+    reads the normalised keys. max_shard_mb: output shard size. refit_memory_gb: memory (on `device`) for the output
+    refit (statistics, else samples, else skipped). overwrite: replace an existing output folder. resume: continue a
+    killed run into the same output. progress: a progress bar.
     """
 
     variant: str = "mfa-kr"
