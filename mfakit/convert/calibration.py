@@ -338,12 +338,12 @@ def calibration_batches(tokenizer, specs: tuple[str, ...], tokens: int, seq_len:
 
 
 def _readout_pairs(
-    module: nn.Module, x: list[torch.Tensor], y: list[torch.Tensor], layer_args: list, bias: torch.Tensor | None
+    module: nn.Module, x: list[torch.Tensor], y: list[torch.Tensor], layer_args: list
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Per calibration sequence: the converted attention's output-projection input u (tokens, n) on its inputs x, in
-    the dtype it computes in; the source attention's output y (tokens, d) less its bias, in float64; and the
-    residual y - W u of the converted output projection W (the converted attention's own output; both outputs carry
-    the same bias), in float64; all on the module's device."""
+    the dtype it computes in; the source attention's output y (tokens, d) in float64; and the converted attention's
+    own output (tokens, d), the product of its output projection with u, as computed; all on the module's device
+    and with the output bias (the source's, in both)."""
     n = module.o_proj.in_features
     recorded: list[tuple[torch.Tensor, torch.Tensor]] = []
     handle = module.o_proj.register_forward_hook(lambda _m, args, out: recorded.append((args[0], out)))
@@ -354,8 +354,7 @@ def _readout_pairs(
                 module(xb, attention_mask=kwargs.get("attention_mask"), position_ids=kwargs.get("position_ids"))
                 for u, out, target in zip(*recorded[0], yb, strict=True):
                     target = target.reshape(-1, target.shape[-1]).to(torch.float64)
-                    residual = target - out.reshape(target.shape).to(torch.float64)
-                    yield u.reshape(-1, n), target if bias is None else target - bias, residual
+                    yield u.reshape(-1, n), target, out.reshape(target.shape)
     finally:
         handle.remove()
 
@@ -371,9 +370,9 @@ def readout_statistics(
         ReadoutStats(weight.new_zeros(n, n, dtype=torch.float64), weight.new_zeros(n, d, dtype=torch.float64), 0.0, 0)
         for _ in range(folds)
     ]
-    for row, (u, target, _) in enumerate(_readout_pairs(module, x, y, layer_args, bias)):
+    for row, (u, target, _) in enumerate(_readout_pairs(module, x, y, layer_args)):
         fold = stats[row % folds]
-        u = u.to(torch.float64)
+        u, target = u.to(torch.float64), target if bias is None else target - bias
         fold.gram.addmm_(u.T, u)
         fold.cross.addmm_(u.T, target)
         fold.energy += float(target.pow(2).sum())
@@ -395,8 +394,9 @@ def readout_samples(
         torch.empty(tokens, dtype=torch.long, device=device),
     )
     start = 0
-    for row, (u, _, residual) in enumerate(_readout_pairs(module, x, y, layer_args, None)):
+    for row, (u, target, out) in enumerate(_readout_pairs(module, x, y, layer_args)):
         rows = slice(start, start + u.shape[0])
-        samples.u[rows], samples.residual[rows], samples.fold[rows] = u, residual, row % folds
+        samples.u[rows], samples.fold[rows] = u, row % folds
+        torch.sub(target, out, out=samples.residual[rows])  # the bias, in both, cancels
         start += u.shape[0]
     return samples
