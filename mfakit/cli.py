@@ -12,6 +12,7 @@ from pathlib import Path
 
 from mfakit.checkpoint import CheckpointError
 from mfakit.convert import PLAIN_METHOD, ConversionMethod, ConvertOptions
+from mfakit.convert.plan import DEFAULT_CALIBRATION_TOKENS
 from mfakit.errors import MfakitError, OptionsError
 from mfakit.finetune import FinetuneOptions
 from mfakit.finetune.train import PARALLEL
@@ -217,7 +218,13 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
         metavar="SPEC",
         help="calibration text specs, mixed in equal shares (default: %(default)s)",
     )
-    p.add_argument("--calib-tokens", type=int, default=CONVERT["calibration_tokens"], help="(default: %(default)s)")
+    p.add_argument(
+        "--calib-tokens",
+        type=int,
+        default=CONVERT["calibration_tokens"],
+        help=f"(default: {DEFAULT_CALIBRATION_TOKENS:,}, fewer for models wider than 2048 so that the calibration "
+        "hidden states stay within 512 MiB per stream)",
+    )
     p.add_argument("--calib-seq-len", type=int, default=CONVERT["calibration_seq_len"], help="(default: %(default)s)")
     m = p.add_argument_group("method below the exact budget (docs/method.md)")
     m.add_argument("--no-sequential", action="store_true", help="calibrate every layer on the source's own inputs")
@@ -227,7 +234,8 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
         "--nope-angle",
         type=float,
         default=METHOD["nope_angle"],
-        help="RoPE pairs turning at most this many radians become NoPE (0: none; default: %(default)s)",
+        help="RoPE pairs turning at most this many radians over the context become NoPE (0: none; default: 1 from "
+        "half the cache up, 2 pi, one full turn, below)",
     )
     m.add_argument("--nope-context", type=int, help="context for --nope-angle (default: max_position_embeddings)")
     m.add_argument("--plain", action="store_true", help="the first method: uniform PCA, 50:50 split, none of the above")
@@ -240,8 +248,8 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
         "--refit-memory-gb",
         type=float,
         default=CONVERT["refit_memory_gb"],
-        help="memory for the output refit: from statistics, else from the calibration samples, else skipped "
-        "(default: %(default)s)",
+        help="memory for the output refit: from statistics, else from the calibration samples (of as many "
+        "sequences as fit), else skipped (default: %(default)s)",
     )
     p.add_argument("--max-shard-mb", type=float, default=CONVERT["max_shard_mb"], help="(default: %(default)s)")
     p.add_argument(

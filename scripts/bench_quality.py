@@ -68,7 +68,9 @@ def main() -> None:
                 seconds = time.time() - start
                 result = evaluate(out, domains, args.eval_tokens)
                 kv = result["kv_bytes_per_token"] / reference["kv_bytes_per_token"]
+                tokens = json.loads((out / "config.json").read_text())["conversion"]["calibration_tokens"]
                 row = {"name": f"{variant} {ratio} {label}", "kv_ratio": kv, "seconds": seconds, "ppl": result["ppl"]}
+                row["calibration_tokens"] = tokens
                 rows.append({**row, **summarize(result, reference), "options": asdict(options)})
                 print(json.dumps({k: v for k, v in rows[-1].items() if k != "options"}), flush=True)
     write(args, rows, wanted, json.loads((args.domains_dir / "manifest.json").read_text()))
@@ -78,9 +80,10 @@ def write(args: argparse.Namespace, rows: list[dict], names: list[str], manifest
     args.out.mkdir(parents=True, exist_ok=True)
     machine = f"{machine_name()}, torch {torch.__version__}"
     defaults = ConvertOptions(kv_ratio=0.5)
+    tokens = sorted({r["calibration_tokens"] for r in rows if "calibration_tokens" in r})
     lines = [
         f"SmolLM2-135M-Instruct; perplexity as a multiple of the source's on the first {args.eval_tokens:,} tokens of "
-        f"each domain (windows of 1024). Calibration: the default, {defaults.calibration_tokens:,} tokens of "
+        f"each domain (windows of 1024). Calibration: the default, {', '.join(f'{t:,}' for t in tokens)} tokens of "
         f"{' + '.join(defaults.calibration)}. Development domains: {', '.join(DEVELOPMENT)}; report domains: "
         f"{', '.join(REPORT)}. Machine: {machine}.",
         "",

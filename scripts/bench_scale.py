@@ -104,6 +104,7 @@ def main() -> None:
         if run.returncode != 0:
             raise SystemExit(f"mfakit {' '.join(argv)} failed:\n{run.stderr[-3000:]}")
         swapped = swapped_out_pages() - swapped
+        tokens = json.loads((out / "config.json").read_text())["conversion"]["calibration_tokens"]
         shutil.rmtree(out)
         config = json.loads((source / "config.json").read_text())
         checkpoint_gb = weight_gb(source)
@@ -115,7 +116,7 @@ def main() -> None:
                 "heads": f"{config['num_attention_heads']}/{config['num_key_value_heads']}",
                 "mlp": config["intermediate_size"],
                 "checkpoint_gb": checkpoint_gb,
-                "calibration_tokens": int(extra[1]) if extra else 16384,
+                "calibration_tokens": tokens,
                 "seconds": run.seconds,
                 "seconds_per_layer": run.seconds / config["num_hidden_layers"],
                 "peak_rss_gb": run.peak_rss_bytes / 1e9,

@@ -17,6 +17,7 @@ from mfakit.checkpoint import LazyCheckpoint
 from mfakit.cli import main
 from mfakit.convert import factorize as fz
 from mfakit.convert import recipe as recipe_module
+from mfakit.convert.plan import DEFAULT_CALIBRATION_TOKENS, calibration_token_count
 from tests.conftest import CALIB, QUICK_CALIB, TINY, build_tiny, convert_cli, logits, sample_ids
 
 KINDS = list(TINY)
@@ -312,3 +313,20 @@ def test_conversion_on_cuda(tiny, tokenizer, tmp_path, monkeypatch, variant):
     assert devices == {"cuda"}
     cpu = convert_cli(src, tmp_path / "cpu", variant, "--kv-ratio", "0.5")
     assert (logits(gpu, ids) - logits(cpu, ids)).abs().max() <= 1e-3
+
+
+def test_default_calibration_tokens_fit_the_model_width(tiny, tmp_path):
+    """Without --calib-tokens a conversion reads DEFAULT_CALIBRATION_TOKENS, in whole windows, fewer only where one
+    stream of float32 hidden states would pass CALIBRATION_STREAM_BYTES; what it read is recorded; a request wins."""
+    assert calibration_token_count(None, 576, 512) == DEFAULT_CALIBRATION_TOKENS == 65536
+    assert calibration_token_count(None, 2048, 512) == 65536
+    assert calibration_token_count(None, 4096, 512) == 32768
+    assert calibration_token_count(None, 8192, 512) == 16384
+    assert calibration_token_count(None, 8192, 1000) == 16000
+    assert calibration_token_count(None, 2**20, 512) == 512
+    assert calibration_token_count(2048, 8192, 512) == 2048
+    out = tmp_path / "out"
+    assert (
+        main(["convert", str(tiny("llama-gqa")), str(out), "--variant", "mfa-kr", "--kv-ratio", "1.0", "--quiet"]) == 0
+    )
+    assert json.loads((out / "config.json").read_text())["conversion"]["calibration_tokens"] == 65536

@@ -10,11 +10,14 @@ import math
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from mfakit.cli import main
 from mfakit.convert import factorize as fz
+from mfakit.convert import plan as plan_module
 from mfakit.convert import readout as ro
 from mfakit.convert import recipe as recipe_module
+from mfakit.convert.plan import ConversionMethod
 from tests.conftest import CALIB, logits, sample_ids
 
 
@@ -104,6 +107,39 @@ def test_refit_from_samples_equals_refit_from_statistics(tokens, n):
     assert not torch.allclose(layer.wo, before)
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_ridge_from_the_kernel_validates_like_refits_per_fold(seed):
+    """The kernel form's leave-one-fold-out errors (one eigendecomposition, block inverses) choose the ridge that
+    refitting without each fold chooses, on ill-conditioned readouts of low rank with fewer tokens than features."""
+    gen = torch.Generator().manual_seed(seed)
+    tokens, n, rank = 96, 160, 40 + 10 * seed
+    spectrum = torch.logspace(0, -2 - seed / 2, rank, dtype=torch.float64)
+    u = (
+        (
+            (torch.randn(tokens, rank, generator=gen, dtype=torch.float64) * spectrum)
+            @ torch.randn(rank, n, generator=gen, dtype=torch.float64)
+        )
+        .float()
+        .double()
+    )
+    y = u @ torch.randn(n, 8, generator=gen, dtype=torch.float64) * 0.3 + torch.randn(
+        tokens, 8, generator=gen, dtype=torch.float64
+    )
+    fold = torch.arange(tokens) // 4 % 8
+    prior = torch.zeros(8, n, dtype=torch.float64)
+    stats = [
+        ro.ReadoutStats(
+            u[fold == k].T @ u[fold == k],
+            u[fold == k].T @ y[fold == k],
+            float(y[fold == k].pow(2).sum()),
+            int((fold == k).sum()),
+        )
+        for k in range(8)
+    ]
+    kernel = ro.sample_kernel(u.float())
+    assert ro.choose_ridge_dual(kernel, y, fold, n) == ro.choose_ridge(stats, prior)
+
+
 def test_sample_kernel_sums_blocks_in_float64(monkeypatch):
     """The kernel summed over feature blocks equals U U^T computed whole in float64."""
     monkeypatch.setattr(ro, "KERNEL_BLOCK", 7)
@@ -143,6 +179,27 @@ def test_low_frequencies_become_nope_channels():
     )
     assert fz.nope_low_frequencies(src, max_angle=1e-6, context=256) is src
     assert fz.nope_low_frequencies(src, max_angle=1e9, context=256).num_pairs == 0
+
+
+@pytest.mark.parametrize(
+    ("variant", "kv_dim", "v_dim", "angle"),
+    [
+        ("mfa-kr", 20, 20, 1.0),  # half of the source's 2 x (10 + 10) cached numbers
+        ("mfa-kr", 18, 18, 2 * math.pi),
+        ("mfa", 10, 10, 1.0),  # MFA caches a key and a value: 20 of 40
+        ("mfa", 10, 8, 2 * math.pi),
+    ],
+)
+def test_default_nope_angle_follows_the_budget(monkeypatch, variant, kv_dim, v_dim, angle):
+    """Unless set, the NoPE angle is one radian from half the cache up and one full turn below; a set angle wins
+    at every budget."""
+    src, sigma = synthetic_source(), torch.eye(9, dtype=torch.float64)
+    seen = []
+    real = fz.nope_low_frequencies
+    monkeypatch.setattr(fz, "nope_low_frequencies", lambda s, a, c: seen.append(a) or real(s, a, c))
+    plan_module.convert_layer(src, sigma, variant, kv_dim, v_dim, ConversionMethod(), 256)
+    plan_module.convert_layer(src, sigma, variant, kv_dim, v_dim, ConversionMethod(nope_angle=3.0), 256)
+    assert seen == [angle, 3.0]
 
 
 def kl_to_source(path, source, ids) -> float:
@@ -264,6 +321,67 @@ def test_refit_falls_back_to_samples_when_statistics_do_not_fit(tiny, tokenizer,
     reference = logits(tmp_path / "stats", ids)
     assert (logits(tmp_path / "samples", ids) - reference).abs().max() < 1e-4
     assert (logits(tmp_path / "none", ids) - reference).abs().max() > 1e-2
+
+
+def test_refit_plan_keeps_as_many_sequences_as_fit():
+    """Statistics where they fit; else the samples of every sequence, or of as many as fit and no more (at least
+    two, for the ridge's validation), with the validation folds the kept tokens need; else skipped."""
+    features, d, seq_len, sequences = 32768, 4096, 512, 32  # a 7B-shaped layer at MFA-KR 0.5
+
+    def samples_gb(kept: int) -> float:
+        return recipe_module.refit_memory(features, d, kept * seq_len, 8)["samples"] / 1e9
+
+    assert recipe_module.refit_plan(features, d, sequences, seq_len, 1e4).way == "statistics"
+    assert recipe_module.refit_plan(features, d, sequences, seq_len, samples_gb(sequences)).sequences == sequences
+    for kept in (2, 5, 31):
+        limit = (samples_gb(kept) + samples_gb(kept + 1)) / 2
+        plan = recipe_module.refit_plan(features, d, sequences, seq_len, limit)
+        assert (plan.way, plan.sequences, plan.folds) == ("samples", kept, recipe_module.READOUT_FOLDS)
+    assert recipe_module.refit_plan(features, d, sequences, seq_len, samples_gb(2) * 0.99).way == "skip"
+    plenty = recipe_module.refit_plan(16, d, 32, 512, recipe_module.refit_memory(16, d, 512, 1)["samples"] / 1e9)
+    assert plenty.folds == 1  # 8 tokens per feature or more: no validation needed
+
+
+def test_spread_rows_keeps_sequences_spread_over_all_with_their_arguments():
+    """The kept sequences are spread evenly over every batch (so every text of a mixture keeps its share), each with
+    its own target, mask and positions; keeping all of them keeps everything."""
+    from mfakit.convert.calibration import spread_rows
+
+    x = [torch.arange(b * 3 * 2, dtype=torch.float32).reshape(b, 3, 2) + 100 * k for k, b in enumerate((8, 8, 4))]
+    y = [-t for t in x]
+    args = [
+        ((), {"attention_mask": None, "position_ids": torch.arange(b)[:, None].expand(b, 3) + 10 * k})
+        for k, b in enumerate((8, 8, 4))
+    ]
+    sx, sy, sargs = spread_rows(x, y, args, 5)
+    rows = torch.cat(x)[[0, 4, 8, 12, 16]]
+    assert torch.equal(torch.cat(sx), rows) and torch.equal(torch.cat(sy), -rows)
+    positions = torch.cat([a[1]["position_ids"] for a in sargs])[:, 0]
+    assert positions.tolist() == [0, 4, 10, 14, 20]
+    assert all(a[1]["attention_mask"] is None for a in sargs)
+    same = spread_rows(x, y, args, 20)
+    assert all(torch.equal(a, b) for a, b in zip(same[0], x, strict=True))
+
+
+def test_refit_from_a_subset_of_sequences_where_the_samples_do_not_fit(tiny, tmp_path, capsys, monkeypatch):
+    """Where the samples of every calibration sequence exceed the refit's memory, the refit reads as many sequences
+    as fit instead of being skipped: noted, and its output projections are neither the unrefit ones nor those of the
+    refit on every sequence, while every other tensor of the first layer (calibrated on the source's own hidden
+    states in all three) is the same bytes."""
+    src = tiny("llama-gqa")
+    common = ["--variant", "mfa-kr", "--kv-ratio", "0.5", *CALIB]
+    real = recipe_module.refit_memory
+    monkeypatch.setattr(recipe_module, "refit_memory", lambda *a: {**real(*a), "statistics": 10**15})
+    limit = real(4 * 32, 64, 6 * 128, 8)["samples"] / 1e9  # 4 heads x C = 32 features; 6 of 16 sequences of 128
+    for name, extra in (("subset", ["--refit-memory-gb", str(limit)]), ("full", []), ("none", ["--no-refit"])):
+        assert main(["convert", str(src), str(tmp_path / name), *common, *extra]) == 0
+    err = capsys.readouterr().err
+    assert "output refit from 6 of the 16 calibration sequences" in err and "skipped" not in err
+    tensors = {name: load_file(tmp_path / name / "model.safetensors") for name in ("subset", "full", "none")}
+    layer0 = [k for k in tensors["subset"] if k.startswith("model.layers.0.")]
+    for key in layer0:
+        same = [torch.equal(tensors["subset"][key], tensors[other][key]) for other in ("full", "none")]
+        assert same == ([False, False] if key.endswith("o_proj.weight") else [True, True]), key
 
 
 @pytest.mark.parametrize("variant", ["mfa", "mfa-kr"])

@@ -359,6 +359,32 @@ def _readout_pairs(
         handle.remove()
 
 
+def rows_of(t: torch.Tensor | None, index: slice | torch.Tensor) -> torch.Tensor | None:
+    """The rows `index` of a per-sequence argument of a batch (attention mask, positions); one broadcast row stays as
+    it is."""
+    return t if t is None or t.shape[0] == 1 else t[index]
+
+
+def spread_rows(
+    x: list[torch.Tensor], y: list[torch.Tensor], layer_args: list, keep: int
+) -> tuple[list[torch.Tensor], list[torch.Tensor], list]:
+    """`keep` of the calibration sequences, spread evenly over all of them (every text of a mixture keeps its
+    share), with their targets and the attention's per-sequence arguments, batch by batch: for a refit whose
+    samples would not all fit in its memory."""
+    rows = sum(b.shape[0] for b in x)
+    chosen = torch.div(torch.arange(keep, device=x[0].device) * rows, keep, rounding_mode="floor")
+    out_x, out_y, out_args, start = [], [], [], 0
+    for xb, yb, (_, kwargs) in zip(x, y, layer_args, strict=True):
+        local = chosen[(chosen >= start) & (chosen < start + xb.shape[0])] - start
+        start += xb.shape[0]
+        if len(local):
+            out_x.append(xb[local])
+            out_y.append(yb[local])
+            names = ("attention_mask", "position_ids")
+            out_args.append(((), {name: rows_of(kwargs.get(name), local) for name in names}))
+    return out_x, out_y, out_args
+
+
 def readout_statistics(
     module: nn.Module, x: list[torch.Tensor], y: list[torch.Tensor], layer_args: list, bias, folds: int
 ) -> list[ReadoutStats]:

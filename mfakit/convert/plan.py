@@ -34,6 +34,18 @@ from mfakit.model.modeling_mfa import VARIANTS
 from mfakit.texts import DEFAULT_CALIBRATION, parse_text_spec
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
+# RoPE pairs turning by at most this many radians over the context become NoPE channels, unless told otherwise:
+# one radian from half the cache up, one full turn below (chosen on the quality benchmark's development domains:
+# with twice as many NoPE pairs in SmolLM2, 12 of 32, the ratios fell 11% at a quarter and an eighth of the cache
+# and rose 3% at half).
+NOPE_ANGLE = 1.0
+NOPE_ANGLE_BELOW_HALF = 2 * math.pi
+# Calibration tokens unless told otherwise: 65,536 (chosen on the quality benchmark's development domains, where
+# 4x the tokens of the earlier 16,384 gave 14% lower perplexity ratios at a quarter of the cache, within the
+# 10-minute conversion budget for SmolLM2 on 2 cores), fewer for models so wide that one stream of float32
+# calibration hidden states would exceed CALIBRATION_STREAM_BYTES.
+DEFAULT_CALIBRATION_TOKENS = 65536
+CALIBRATION_STREAM_BYTES = 2**29
 
 
 class BudgetError(OptionsError):
@@ -50,7 +62,8 @@ class ConversionMethod:
     key_fraction: share of the cache given to key channels (MFA-KR: of C; MFA: of C + v_dim); None: 0.8 for
         MFA-KR, 0.5 for MFA.
     nope_angle: RoPE pairs that turn by at most this many radians over `nope_context` tokens (default: the model's
-        max_position_embeddings) become NoPE channels; 0 keeps every frequency.
+        max_position_embeddings) become NoPE channels; 0 keeps every frequency; None: `nope_angle_at`'s default
+        (1 radian from half the cache up, one full turn below).
     tune_steps, tune_lr: Adam steps (and peak learning rate) of per-layer output reconstruction after the closed
         form (`mfakit.convert.tune`); 0: none.
     """
@@ -58,7 +71,7 @@ class ConversionMethod:
     sequential: bool = True
     refit: bool = True
     key_fraction: float | None = None
-    nope_angle: float = 1.0
+    nope_angle: float | None = None
     nope_context: int | None = None
     tune_steps: int = 0
     tune_lr: float = 1e-3
@@ -66,18 +79,36 @@ class ConversionMethod:
     def __post_init__(self) -> None:
         if self.key_fraction is not None and not 0 < self.key_fraction <= 1:
             raise OptionsError(f"key_fraction must be in (0, 1], got {self.key_fraction}")
-        if not (math.isfinite(self.nope_angle) and self.nope_angle >= 0):
+        if self.nope_angle is not None and not (math.isfinite(self.nope_angle) and self.nope_angle >= 0):
             raise OptionsError(f"nope_angle must be a finite number >= 0, got {self.nope_angle}")
         if self.nope_context is not None and self.nope_context < 1:
             raise OptionsError(f"nope_context must be a positive number of tokens, got {self.nope_context}")
         if self.tune_steps < 0 or not self.tune_lr > 0:
             raise OptionsError(f"tune_steps must be >= 0 and tune_lr positive, got {self.tune_steps}, {self.tune_lr}")
 
+    def nope_angle_at(self, cache_share: float) -> float:
+        """The NoPE angle of a layer whose converted cache is `cache_share` of the source's: as set, else
+        NOPE_ANGLE from half the cache up and NOPE_ANGLE_BELOW_HALF below."""
+        if self.nope_angle is not None:
+            return self.nope_angle
+        return NOPE_ANGLE if cache_share >= 0.5 else NOPE_ANGLE_BELOW_HALF
+
     def key_share(self, variant: str) -> float:
         return self.key_fraction if self.key_fraction is not None else (0.8 if variant == "mfa-kr" else 0.5)
 
 
 PLAIN_METHOD = ConversionMethod(sequential=False, refit=False, key_fraction=0.5, nope_angle=0.0)  # the first method
+
+
+def calibration_token_count(requested: int | None, hidden: int, seq_len: int) -> int:
+    """The calibration tokens a conversion reads: `requested`, else DEFAULT_CALIBRATION_TOKENS in whole windows of
+    seq_len, capped so that one stream of float32 hidden states (tokens x hidden x 4 bytes) stays within
+    CALIBRATION_STREAM_BYTES (65,536 tokens up to hidden 2048, 32,768 at 4096, 16,384 at 8192), and never below one
+    window."""
+    if requested is not None:
+        return requested
+    fits = min(DEFAULT_CALIBRATION_TOKENS, CALIBRATION_STREAM_BYTES // (4 * hidden))
+    return max(seq_len, fits // seq_len * seq_len)
 
 
 @dataclass(frozen=True)
@@ -87,7 +118,7 @@ class ConvertOptions:
     variant: "mfa" or "mfa-kr". kv_ratio (KV cache relative to the source's, 1.0: exact) or kv_dim (the latent
     width C): exactly one. share_q_dim: rank of a shared query down-projection (None: unfactored). calibration:
     one or more text specs (see `mfakit.texts`; several are mixed in equal shares), read for calibration_tokens
-    tokens in windows of calibration_seq_len.
+    tokens (None: `calibration_token_count`'s default) in windows of calibration_seq_len.
     device, dtype: where the calibration forward passes and the factorization math run, and the forward passes'
     precision (the math is float64; converted tensors keep the source's dtype). approximate_qk_norm: for QK-norm
     families, fold the norms into the projections (the plain MFA layout, never exact) instead of the exact layer that
@@ -102,7 +133,7 @@ class ConvertOptions:
     share_q_dim: int | None = None
     method: ConversionMethod = field(default_factory=ConversionMethod)
     calibration: tuple[str, ...] = DEFAULT_CALIBRATION
-    calibration_tokens: int = 16384
+    calibration_tokens: int | None = None
     calibration_seq_len: int = 512
     device: str = "cpu"
     dtype: str = "float32"
@@ -129,7 +160,9 @@ class ConvertOptions:
             raise BudgetError(f"kv_dim must be an even number >= 2 (one RoPE channel pair), got {self.kv_dim}")
         if self.share_q_dim is not None and self.share_q_dim < 1:
             raise OptionsError(f"share_q_dim must be positive, got {self.share_q_dim}")
-        if self.calibration_seq_len < 1 or self.calibration_tokens < self.calibration_seq_len:
+        if self.calibration_seq_len < 1 or (
+            self.calibration_tokens is not None and self.calibration_tokens < self.calibration_seq_len
+        ):
             raise OptionsError(
                 f"calibration_tokens ({self.calibration_tokens}) must be at least one window of "
                 f"calibration_seq_len ({self.calibration_seq_len}), which must be positive"
@@ -214,8 +247,10 @@ def convert_layer(
     """One layer at a budget: the exact embedding at full width, the calibrated factorization below it."""
     if is_exact(src, variant, kv_dim, v_dim):
         return fz.exact_mfa(src) if variant == "mfa" else fz.exact_mfa_kr(src)
-    if method.nope_angle > 0:
-        src = fz.nope_low_frequencies(src, method.nope_angle, context)
+    source_cache = src.num_kv_heads * (src.wk.shape[1] + src.wv.shape[1])
+    angle = method.nope_angle_at((kv_dim + (v_dim if variant == "mfa" else 0)) / source_cache)
+    if angle > 0:
+        src = fz.nope_low_frequencies(src, angle, context)
     if variant == "mfa":
         return fz.compress_mfa(src, sigma, kv_dim, v_dim)
     key_channels = min(src.wk.shape[0] * src.wk.shape[1], _even(method.key_share(variant) * kv_dim), kv_dim)

@@ -99,22 +99,32 @@ def sample_kernel(u: Tensor) -> Tensor:
 
 def choose_ridge_dual(kernel: Tensor, residual: Tensor, fold: Tensor, features: int) -> float:
     """`choose_ridge` on samples: the same rule and the same leave-one-fold-out error, from the (N, N) kernel
-    K = U U^T and the residuals R = Y - U P^T, whose training block is diagonalised once per fold for all ridges
-    (predicted held-out residuals: K_ht V diag(1 / (lam_i + lam)) V^T R_t for K_tt = V diag(lam_i) V^T)."""
+    K = U U^T and the residuals R = Y - U P^T, with one eigendecomposition K = V diag(mu) V^T for every fold and
+    ridge. The fit without fold F leaves on F the residuals r_F = R_F - K_FT (K_TT + lam I)^{-1} R_T, which by the
+    block inverse of A = K + lam I equal B^{-1} (A^{-1} R)_F with B = (A^{-1})_FF and A^{-1} = V diag(1 / (mu + lam))
+    V^T; their energy is trace(B^{-1} W G W^T B^{-1}) for W = V_F diag(1 / (mu + lam)) (f, N) and
+    G = V^T R R^T V (N, N), so each fold and ridge costs (f, N) products and (f, f) solves instead of an
+    eigendecomposition of K_TT per fold and products with the d columns of R per ridge."""
     folds = fold.unique()
     fixed = _fixed_ridge(kernel.shape[0], features, len(folds))
     if fixed is not None:
         return fixed
     energy = kernel.diagonal()
+    mu, vec = torch.linalg.eigh(kernel)
+    mu = mu.clamp_min(0)  # K is positive semi-definite; rounding can leave its null directions slightly negative
+    rotated = vec.T @ residual
+    gram = rotated @ rotated.T
+    del rotated
     errors = dict.fromkeys(RIDGES, 0.0)
     for k in folds:
-        held, train = fold == k, fold != k
-        lam, vec = torch.linalg.eigh(kernel[train][:, train])
-        a = vec.T @ residual[train]
-        b = kernel[held][:, train] @ vec
-        scale = float(energy[train].sum() / features)
+        held = fold == k
+        rows = vec[held]
+        scale = float(energy[~held].sum() / features)
         for ridge in RIDGES:
-            errors[ridge] += float((residual[held] - (b / (lam + ridge * scale)) @ a).pow(2).sum())
+            weighted = rows / (mu + ridge * scale)
+            block = weighted @ rows.T
+            half = torch.linalg.solve(block, weighted @ gram @ weighted.T)
+            errors[ridge] += float(torch.linalg.solve(block, half.T).diagonal().sum())
     return min(errors, key=errors.get)
 
 

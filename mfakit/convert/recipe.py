@@ -44,8 +44,16 @@ from mfakit.convert.calibration import (
     record_layer_inputs,
     run_layer,
     second_moment,
+    spread_rows,
 )
-from mfakit.convert.plan import ConversionPlan, ConvertOptions, convert_layer, is_exact, plan_conversion
+from mfakit.convert.plan import (
+    ConversionPlan,
+    ConvertOptions,
+    calibration_token_count,
+    convert_layer,
+    is_exact,
+    plan_conversion,
+)
 from mfakit.convert.readout import (
     TOKENS_PER_FEATURE_UNREGULARISED,
     refit_from_samples_,
@@ -148,9 +156,9 @@ def convert(source: str | Path, out: str | Path, options: ConvertOptions) -> Con
     partial = partial_folder(out)
     with locked(partial), one_line_errors(out, partial):
         tokenizer = load_tokenizer(plan.folder)
-        batches, calibration = calibration_batches(
-            tokenizer, options.calibration, options.calibration_tokens, options.calibration_seq_len
-        )
+        hidden = plan.skeleton.get_input_embeddings().embedding_dim
+        tokens = calibration_token_count(options.calibration_tokens, hidden, options.calibration_seq_len)
+        batches, calibration = calibration_batches(tokenizer, options.calibration, tokens, options.calibration_seq_len)
         settings = _resume_settings(plan, options, calibration, sum(b.numel() for b in batches))
         with open_output(out, partial, options, settings) as run:
             inputs, streams = start_streams(plan, options, run, batches)
@@ -298,18 +306,34 @@ def convert_one_layer(
     return Streams(source_run.hidden, converted_stream)
 
 
-def refit_plan(features: int, d: int, tokens: int, limit_gb: float) -> tuple[str, int, int]:
-    """How the output refit of a layer with `features` readout features runs within `limit_gb`: "statistics" (the
-    (n, n) sums), else "samples" (the calibration samples, kernel form), else "skip"; with its number of folds (one
-    where the ridge needs no validation) and the bytes of the cheaper way."""
-    folds = 1 if tokens >= TOKENS_PER_FEATURE_UNREGULARISED * features else READOUT_FOLDS
-    need = refit_memory(features, d, tokens, folds)
-    limit = limit_gb * 1e9
+@dataclass(frozen=True)
+class RefitPlan:
+    """How a layer's output refit runs within its memory: `way` "statistics" (the (n, n) sums), "samples" (the
+    calibration samples, kernel form) or "skip"; `folds` of the ridge's validation (one where none is needed);
+    `sequences` the calibration sequences it reads (all of them unless their samples would not fit); `need` the bytes
+    of each way with every sequence (`refit_memory`)."""
+
+    way: str
+    folds: int
+    sequences: int
+    need: dict[str, int]
+
+
+def refit_plan(features: int, d: int, sequences: int, seq_len: int, limit_gb: float) -> RefitPlan:
+    """How the output refit of a layer with `features` readout features and width d runs on `sequences` calibration
+    sequences of seq_len tokens within `limit_gb`: from statistics if they fit, else from the samples of as many
+    sequences as fit (spread over all of them; at least two, for the ridge's validation), else skipped."""
+
+    def folds_for(kept: int) -> int:
+        return 1 if kept * seq_len >= TOKENS_PER_FEATURE_UNREGULARISED * features else READOUT_FOLDS
+
+    need, limit = refit_memory(features, d, sequences * seq_len, folds_for(sequences)), limit_gb * 1e9
     if need["statistics"] <= limit:
-        return "statistics", folds, need["statistics"]
-    if need["samples"] <= limit:
-        return "samples", folds, need["statistics"]
-    return "skip", folds, min(need.values())
+        return RefitPlan("statistics", folds_for(sequences), sequences, need)
+    for kept in range(sequences, 1, -1):
+        if refit_memory(features, d, kept * seq_len, folds_for(kept))["samples"] <= limit:
+            return RefitPlan("samples", folds_for(kept), kept, need)
+    return RefitPlan("skip", folds_for(sequences), 0, need)
 
 
 def refit_output(
@@ -326,27 +350,32 @@ def refit_output(
     source attention's outputs `target`, in the way its memory allows (`refit_plan`; each fallback noted once)."""
     mfa, src, pre = layer
     features = mfa.wo.shape[1] * mfa.wo.shape[2]
-    tokens = sum(b.numel() // b.shape[-1] for b in x)
-    way, folds, need = refit_plan(features, mfa.wo.shape[0], tokens, options.refit_memory_gb)
-    limit = options.refit_memory_gb
-    if way == "skip":
-        run.note_once(
-            "skip",
-            f"layer {i}: output refit skipped ({features} readout features need {need / 1e9:.1f} GB > "
-            f"refit_memory_gb {limit}); same for wider layers",
-        )
+    sequences = sum(b.shape[0] for b in x)
+    way = refit_plan(features, mfa.wo.shape[0], sequences, x[0].shape[1], options.refit_memory_gb)
+    need = {kind: f"{size / 1e9:.1f} GB" for kind, size in way.need.items()}
+    over = f"> refit_memory_gb {options.refit_memory_gb}); same for wider layers"
+    if way.way == "skip":
+        least = min(way.need, key=way.need.get)
+        run.note_once("skip", f"layer {i}: output refit skipped ({features} readout features need {need[least]} {over}")
         return mfa
-    if way == "samples":
+    if way.sequences < sequences:
+        run.note_once(
+            "subset",
+            f"layer {i}: output refit from {way.sequences} of the {sequences} calibration sequences, spread over "
+            f"them (all of them would need {need['samples']} {over}",
+        )
+        x, target, layer_args = spread_rows(x, target, layer_args, way.sequences)
+    elif way.way == "samples":
         run.note_once(
             "samples",
-            f"layer {i}: output refit from the {tokens} calibration samples (its statistics would need "
-            f"{need / 1e9:.1f} GB > refit_memory_gb {limit}); same for wider layers",
+            f"layer {i}: output refit from the {sequences * x[0].shape[1]} calibration samples (its statistics "
+            f"would need {need['statistics']} {over}",
         )
     module = working_module(plan, options, i, (mfa, src, pre))
-    if way == "samples":
-        refit_from_samples_(mfa, readout_samples(module, x, target, layer_args, folds))
+    if way.way == "samples":
+        refit_from_samples_(mfa, readout_samples(module, x, target, layer_args, way.folds))
         return mfa
-    return refit_from_statistics(mfa, readout_statistics(module, x, target, layer_args, src.bo, folds))[0]
+    return refit_from_statistics(mfa, readout_statistics(module, x, target, layer_args, src.bo, way.folds))[0]
 
 
 def tune_output(

@@ -12,6 +12,7 @@ import math
 import torch
 from torch import nn
 
+from mfakit.convert.calibration import rows_of
 from mfakit.convert.factorize import PER_HEAD_DTYPE, MFALayer
 
 
@@ -38,8 +39,8 @@ def reconstruct(
         kwargs = layer_args[b][1]
         out, _ = module(
             x[b][r : r + rows],
-            attention_mask=_rows_of(kwargs.get("attention_mask"), r, rows),
-            position_ids=_rows_of(kwargs.get("position_ids"), r, rows),
+            attention_mask=rows_of(kwargs.get("attention_mask"), slice(r, r + rows)),
+            position_ids=rows_of(kwargs.get("position_ids"), slice(r, r + rows)),
         )
         y = target[b][r : r + rows]
         loss = (out - y).pow(2).sum() / y.pow(2).sum().clamp_min(1e-30)
@@ -52,11 +53,6 @@ def reconstruct(
     for p in params:
         p.requires_grad_(False)
     return losses
-
-
-def _rows_of(t: torch.Tensor | None, start: int, rows: int) -> torch.Tensor | None:
-    """Rows start..start+rows of a per-sequence argument (masks, positions); one broadcast row stays as it is."""
-    return t if t is None or t.shape[0] == 1 else t[start : start + rows]
 
 
 def layer_from_module(module: nn.Module, mfa: MFALayer) -> MFALayer:
