@@ -373,6 +373,7 @@ def spread_rows(
     samples would not all fit in its memory."""
     rows = sum(b.shape[0] for b in x)
     chosen = torch.div(torch.arange(keep, device=x[0].device) * rows, keep, rounding_mode="floor")
+    names = ("attention_mask", "position_ids")  # what the converted attention reads (`_readout_pairs`)
     out_x, out_y, out_args, start = [], [], [], 0
     for xb, yb, (_, kwargs) in zip(x, y, layer_args, strict=True):
         local = chosen[(chosen >= start) & (chosen < start + xb.shape[0])] - start
@@ -380,7 +381,6 @@ def spread_rows(
         if len(local):
             out_x.append(xb[local])
             out_y.append(yb[local])
-            names = ("attention_mask", "position_ids")
             out_args.append(((), {name: rows_of(kwargs.get(name), local) for name in names}))
     return out_x, out_y, out_args
 
