@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import platform
 import re
 import subprocess
@@ -65,11 +66,13 @@ class MeasuredRun:
     stderr: str
 
 
-def run_measured(argv: list[str], timeout: float | None = None) -> MeasuredRun:
-    """Run `mfakit ARGV` (no ARGV: only the imports) in a fresh process; its wall time and peak resident memory
-    (Linux: /proc/self/status)."""
+def run_measured(argv: list[str], timeout: float | None = None, env: dict[str, str] | None = None) -> MeasuredRun:
+    """Run `mfakit ARGV` (no ARGV: only the imports) in a fresh process, with ENV added to this one's environment;
+    its wall time and peak resident memory (Linux: /proc/self/status)."""
     start = time.time()
-    result = subprocess.run([sys.executable, "-c", _PEAK, *argv], capture_output=True, text=True, timeout=timeout)
+    command = [sys.executable, "-c", _PEAK, *argv]
+    environ = {**os.environ, **(env or {})}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=environ)
     seconds = time.time() - start
     found = re.search(r"PEAK_KB (\d+)", result.stderr)
     return MeasuredRun(result.returncode, seconds, int(found.group(1)) * 1024 if found else 0, result.stderr)
