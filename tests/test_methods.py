@@ -148,6 +148,21 @@ def test_sample_kernel_sums_blocks_in_float64(monkeypatch):
     assert torch.allclose(ro.sample_kernel(u), expected, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("n", [1, 3, 4, 9, 130])
+def test_gram_from_the_upper_blocks_equals_the_whole_product(n):
+    """Sums of u^T u over several updates, accumulated on and above the diagonal blocks and mirrored once, equal the
+    whole products summed; the lower blocks before mirroring are left untouched (zero here)."""
+    gen = torch.Generator().manual_seed(n)
+    updates = [torch.randn(17, n, generator=gen, dtype=torch.float64) for _ in range(3)]
+    gram = torch.zeros(n, n, dtype=torch.float64)
+    for u in updates:
+        ro.add_gram_(gram, u)
+    below = torch.cat([gram[stop:, start:stop].flatten() for start, stop in ro.gram_blocks(n)])
+    assert not below.any()
+    expected = sum(u.T @ u for u in updates)
+    assert torch.allclose(ro.mirror_gram_(gram), expected, rtol=1e-13, atol=1e-13)
+
+
 def synthetic_source(pairs: int = 4, nope: int = 2, heads: int = 4, kv_heads: int = 2) -> fz.SourceAttention:
     gen = torch.Generator().manual_seed(0)
     dh, d1 = 2 * pairs + nope, 9

@@ -22,7 +22,7 @@ from transformers.modeling_utils import LoadStateDictConfig
 from transformers.utils import logging as hf_logging
 
 from mfakit.checkpoint import CheckpointError, LazyCheckpoint
-from mfakit.convert.readout import ReadoutSamples, ReadoutStats
+from mfakit.convert.readout import ReadoutSamples, ReadoutStats, add_gram_, mirror_gram_
 from mfakit.texts import fingerprint, load_texts, parse_text_spec, spread_windows, tokenize
 
 CALIBRATION_BATCH = 8  # sequences per forward pass
@@ -182,11 +182,11 @@ class SecondMoment:
     def update(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).to(torch.float64)
         x = torch.cat([x, x.new_ones(x.shape[0], 1)], 1)
-        self.sum += x.T @ x
+        add_gram_(self.sum, x)
         self.count += x.shape[0]
 
     def value(self) -> torch.Tensor:
-        return self.sum / max(self.count, 1)
+        return mirror_gram_(self.sum) / max(self.count, 1)
 
 
 class _Stop(Exception):
@@ -399,11 +399,14 @@ def readout_statistics(
     for row, (u, target, _) in enumerate(_readout_pairs(module, x, y, layer_args)):
         fold = stats[row % folds]
         u, target = u.to(torch.float64), target if bias is None else target - bias
-        fold.gram.addmm_(u.T, u)
+        add_gram_(fold.gram, u)
         fold.cross.addmm_(u.T, target)
         fold.energy += float(target.pow(2).sum())
         fold.tokens += u.shape[0]
-    return [s for s in stats if s.energy > 0]
+    kept = [s for s in stats if s.energy > 0]
+    for s in kept:
+        mirror_gram_(s.gram)
+    return kept
 
 
 def readout_samples(

@@ -42,7 +42,7 @@ NOPE_ANGLE = 1.0
 NOPE_ANGLE_BELOW_HALF = 2 * math.pi
 # Calibration tokens unless told otherwise: 65,536 (chosen on the quality benchmark's development domains, where
 # 4x the tokens of the earlier 16,384 gave 14% lower perplexity ratios at a quarter of the cache; SmolLM2 then
-# converts in 4.5-6.5 minutes on 2 cores, 10 at MFA-KR 0.5), fewer for models so wide that one stream of float32
+# converts in 4.5-6.5 minutes on 2 cores, 9 at MFA-KR 0.5), fewer for models so wide that one stream of float32
 # calibration hidden states would exceed CALIBRATION_STREAM_BYTES.
 DEFAULT_CALIBRATION_TOKENS = 65536
 CALIBRATION_STREAM_BYTES = 2**29

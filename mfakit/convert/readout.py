@@ -5,6 +5,7 @@ functions on tensors, like the factorization they refine, on the device of their
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from itertools import pairwise
 
 import torch
 
@@ -84,6 +85,33 @@ class ReadoutSamples:
     fold: Tensor
 
 
+# A symmetric product needs only its blocks on and above the diagonal: with 4 x 4 blocks that is 10 products of 16,
+# 0.64x the time of the whole product for the readout statistics of SmolLM2 at half the cache (n 1,728, 512 tokens
+# per update; 8 x 8 blocks: 0.62x, 2 x 2: 0.76x), with the same sums.
+GRAM_BLOCKS = 4
+
+
+def gram_blocks(n: int) -> list[tuple[int, int]]:
+    """The (start, stop) of each of the GRAM_BLOCKS blocks of n rows."""
+    return list(pairwise(n * i // GRAM_BLOCKS for i in range(GRAM_BLOCKS + 1)))
+
+
+def add_gram_(gram: Tensor, u: Tensor) -> None:
+    """gram += u^T u for u (tokens, n) and gram (n, n), on and above its diagonal blocks only (GRAM_BLOCKS x
+    GRAM_BLOCKS): the blocks below stay as they are until `mirror_gram_` copies them from above, once, after the
+    last update."""
+    for start, stop in gram_blocks(gram.shape[0]):
+        gram[start:stop, start:].addmm_(u[:, start:stop].T, u[:, start:])
+
+
+def mirror_gram_(gram: Tensor) -> Tensor:
+    """The blocks of an `add_gram_` sum below its diagonal blocks, set to the transposes of those above; returns
+    gram, now symmetric."""
+    for start, stop in gram_blocks(gram.shape[0]):
+        gram[stop:, start:stop] = gram[start:stop, stop:].T
+    return gram
+
+
 KERNEL_BLOCK = 4096  # readout features cast to float64 at a time (the kernel's sums, the readout's update)
 
 
@@ -92,9 +120,8 @@ def sample_kernel(u: Tensor) -> Tensor:
     exists."""
     kernel = torch.zeros(u.shape[0], u.shape[0], dtype=torch.float64, device=u.device)
     for block in u.split(KERNEL_BLOCK, dim=1):
-        block = block.to(torch.float64)
-        kernel.addmm_(block, block.T)
-    return kernel
+        add_gram_(kernel, block.T.to(torch.float64))
+    return mirror_gram_(kernel)
 
 
 def choose_ridge_dual(kernel: Tensor, residual: Tensor, fold: Tensor, features: int) -> float:
