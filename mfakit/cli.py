@@ -15,7 +15,7 @@ from mfakit.convert import PLAIN_METHOD, ConversionMethod, ConvertOptions
 from mfakit.convert.plan import DEFAULT_CALIBRATION_TOKENS
 from mfakit.errors import MfakitError, OptionsError
 from mfakit.finetune import FinetuneOptions
-from mfakit.finetune.train import PARALLEL
+from mfakit.finetune.train import LR, LR_BELOW_HALF, PARALLEL
 from mfakit.model.modeling_mfa import VARIANTS
 from mfakit.texts import BUILTINS, TextSource, TextSourceError
 
@@ -277,7 +277,13 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seq-len", type=int, default=d["seq_len"])
     p.add_argument("--batch-size", type=int, default=d["batch_size"], help="sequences per process per micro-step")
     p.add_argument("--grad-accum", type=int, default=d["grad_accum"])
-    p.add_argument("--lr", type=float, default=d["lr"], help="peak learning rate (default %(default)s)")
+    p.add_argument(
+        "--lr",
+        type=float,
+        default=d["lr"],
+        help=f"peak learning rate (default: {LR} for a model that caches at least half of its source's KV, "
+        f"{LR_BELOW_HALF} below)",
+    )
     p.add_argument("--warmup", type=int, help="warm-up steps (default: 10%% of the steps, 1 to 100)")
     p.add_argument("--weight-decay", type=float, default=d["weight_decay"])
     p.add_argument("--trainable", choices=["attention", "all"], default=d["trainable"])

@@ -351,3 +351,25 @@ def meta_skeleton(config) -> nn.Module:
             f"{config.model_type}: the config does not describe a model transformers can build "
             f"({type(err).__name__}: {first_line(err)})"
         ) from err
+
+
+def source_kv_width(config) -> int:
+    """g * d_h of a source model: from its family's layout when mfakit knows it (Falcon's MQA and fused layouts say
+    it only in their weight shapes), else from the config's head counts."""
+    try:
+        layout = find_layout(config)
+    except UnsupportedModelError:
+        heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        return heads * (getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
+    attention = meta_skeleton(config).get_submodule(layout.attention_prefix(0))
+    shape = head_shape(layout, attention, config)
+    return shape.num_kv_heads * shape.head_dim
+
+
+def cache_share(config) -> float:
+    """The KV cache a model keeps per token as a share of its source's: sum over layers of the numbers each caches
+    (`MFAConfig.cached_numbers_per_layer`) over layers x 2 g d_h; 1.0 for a model that is not a conversion."""
+    if getattr(config, "model_type", None) != "mfa":
+        return 1.0
+    source = 2 * source_kv_width(config.get_text_config(decoder=True))
+    return sum(config.cached_numbers_per_layer()) / (len(config.mfa_layers) * source)

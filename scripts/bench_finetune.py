@@ -81,7 +81,7 @@ def main() -> None:
     parser.add_argument("--data", nargs="+", default=defaults.data)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=2)
-    parser.add_argument("--lr", type=float, default=defaults.lr)
+    parser.add_argument("--lr", type=float, default=defaults.lr, help="peak learning rate (default: mfakit finetune's)")
     parser.add_argument("--eval-tokens", type=int, default=8192)
     parser.add_argument("--throughput-steps", type=int, default=5)
     parser.add_argument("--device", default="cpu")
@@ -120,6 +120,7 @@ def main() -> None:
                 "after": after,
                 "gap_closed": {s: gap_closed(before[s], after[s]) for s in args.sets},
                 "tokens": summary.tokens,
+                "lr": summary.lr,
                 "train_seconds": summary.seconds,
                 "tokens_per_second": summary.tokens_per_second,
             }
@@ -134,16 +135,16 @@ def write(args: argparse.Namespace, reference: dict, rows: list[dict], baseline_
     lines = [
         f"Device: {device} ({args.dtype}). Perplexity as a multiple of the source's on the first {args.eval_tokens:,} "
         f"tokens of each domain (windows of 1024), geometric mean per set. Training: attention only, KL to the "
-        f"source, AdamW lr {args.lr}, {args.batch_size} x {args.seq_len} tokens per step, data "
+        f"source, AdamW, {args.batch_size} x {args.seq_len} tokens per step, data "
         f"{' + '.join(args.data)}.",
         "",
-        "| variant | KV ratio | set | before | after | gap closed | tokens | train s | tokens/s |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|",
+        "| variant | KV ratio | set | lr | before | after | gap closed | tokens | train s | tokens/s |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         for s in args.sets:
             lines.append(
-                f"| {r['variant']} | {r['kv_ratio']} | {s} | {r['before'][s]:.3f}x | {r['after'][s]:.3f}x | "
+                f"| {r['variant']} | {r['kv_ratio']} | {s} | {r['lr']:g} | {r['before'][s]:.3f}x | {r['after'][s]:.3f}x | "
                 f"{100 * r['gap_closed'][s]:.0f}% | {r['tokens']:,} | {r['train_seconds']:.0f} | "
                 f"{r['tokens_per_second']:.0f} |"
             )

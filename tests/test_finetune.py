@@ -14,15 +14,16 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from mfakit.cli import main
 from mfakit.convert import PLAIN_METHOD, ConvertOptions, convert
 from mfakit.errors import OptionsError
+from mfakit.families import cache_share
 from mfakit.finetune import FinetuneOptions, finetune
 from mfakit.finetune import train as train_module
 from mfakit.finetune.dataset import sequence_indices
-from mfakit.finetune.train import kd_loss, lr_factor
+from mfakit.finetune.train import LR, LR_BELOW_HALF, kd_loss, lr_factor
 from tests.conftest import one_error_line, sample_ids
 
 FAST = FinetuneOptions(
@@ -134,6 +135,22 @@ def loss_curve(out: Path) -> dict[int, float]:
     """Loss per step from the run's log; a resumed run logs the steps after its last saved state again."""
     records = [json.loads(line) for line in (out / "finetune-log.jsonl").read_text().splitlines()]
     return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+def test_default_learning_rate_follows_the_cache_share(student, teacher, tmp_path):
+    """Unless given, the peak rate is LR for a model that caches at least half of its source's KV and LR_BELOW_HALF
+    below (the student: an eighth); a given rate is used as it is."""
+    half = tmp_path / "half"
+    calibration = {"calibration_tokens": 256, "calibration_seq_len": 128}
+    convert(
+        teacher, half, ConvertOptions(variant="mfa", kv_ratio=0.5, method=PLAIN_METHOD, progress=False, **calibration)
+    )
+    shares = [cache_share(AutoConfig.from_pretrained(p)) for p in (teacher, half, student)]
+    assert shares == [1.0, pytest.approx(0.5), pytest.approx(0.125)]
+    one_step = replace(FAST, steps=1, eval_text=None)
+    assert finetune(half, tmp_path / "ft-half", replace(one_step, lr=None)).lr == LR
+    assert finetune(student, tmp_path / "ft", replace(one_step, lr=None)).lr == LR_BELOW_HALF
+    assert finetune(student, tmp_path / "ft", replace(one_step, overwrite=True)).lr == FAST.lr
 
 
 def test_refusals_are_one_line(student, tiny, tmp_path, capsys):

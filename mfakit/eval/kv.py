@@ -8,7 +8,7 @@ import torch
 from transformers.cache_utils import get_layer_types_and_kwargs
 
 from mfakit.errors import OptionsError
-from mfakit.families import UnsupportedModelError, find_layout, head_shape, meta_skeleton
+from mfakit.families import source_kv_width
 
 
 @dataclass
@@ -41,19 +41,6 @@ def cached_numbers_per_token(config) -> tuple[str, list[int], list[int | None]]:
     if getattr(config, "model_type", None) == "mfa":
         return config.variant, config.cached_numbers_per_layer(), windows
     return "source", [2 * source_kv_width(text)] * n_layers, windows
-
-
-def source_kv_width(config) -> int:
-    """g * d_h of a source model: from its family's layout when mfakit knows it (Falcon's MQA and fused layouts say
-    it only in their weight shapes), else from the config's head counts."""
-    try:
-        layout = find_layout(config)
-    except UnsupportedModelError:
-        heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-        return heads * (getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
-    attention = meta_skeleton(config).get_submodule(layout.attention_prefix(0))
-    shape = head_shape(layout, attention, config)
-    return shape.num_kv_heads * shape.head_dim
 
 
 def cache_bytes_per_layer(cache) -> list[int]:

@@ -14,7 +14,7 @@ import shutil
 import time
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from pickle import UnpicklingError
 from typing import TextIO
@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from mfakit._version import __version__
 from mfakit.checkpoint import FINETUNE_LOG, TRAINER_DIR, CheckpointError, copy_side_files, write_mfa_files
 from mfakit.errors import MfakitError, OptionsError, first_line
+from mfakit.families import cache_share
 from mfakit.finetune.dataset import (
     check_disjoint,
     pack,
@@ -67,15 +68,30 @@ RESUME_FIELDS = (
 )
 
 
+# Peak learning rate unless told otherwise, by how far the conversion is from its source (its KV cache as a share
+# of the source's). From half the cache up, low: those conversions start close to the source, and on SmolLM2
+# MFA-KR 0.5 larger rates raised the KL in the first steps (docs/method.md). Below half, 2.5x higher: at MFA-KR
+# 0.25 on the development domains 98,304 tokens at 5e-5 closed more of the gap than at 2e-5, for the conversion
+# defaults of two versions (39% against 34%, then 34% against 31%).
+LR = 2e-5
+LR_BELOW_HALF = 5e-5
+
+
 class FinetuneError(MfakitError):
     """Settings a fine-tuning run cannot start with."""
+
+
+def default_lr(share: float) -> float:
+    """The peak learning rate for a model whose KV cache is `share` of its source's (LR, LR_BELOW_HALF)."""
+    return LR if share >= 0.5 else LR_BELOW_HALF
 
 
 @dataclass(frozen=True)
 class FinetuneOptions:
     """tokens or steps: the run's length (tokens are rounded up to whole optimiser steps of
     batch_size * grad_accum * world_size sequences of seq_len). warmup: linear warm-up steps (default 10% of the
-    steps, at least 1 and at most 100), then linear decay to zero. eval_every: held-out perplexity every N steps
+    steps, at least 1 and at most 100), then linear decay to zero. lr: the peak learning rate (None: `default_lr` of
+    the model's KV cache share). eval_every: held-out perplexity every N steps
     (0: only before and after). save_every: resumable state every N steps (0: never). resume: continue the run in
     OUT from its saved state. overwrite: replace a finished fine-tune in OUT. parallel: under torchrun, `ddp` keeps a
     whole copy of student and teacher on every process; `fsdp` shards both over the processes (fully_shard per
@@ -89,7 +105,7 @@ class FinetuneOptions:
     seq_len: int = 1024
     batch_size: int = 8
     grad_accum: int = 1
-    lr: float = 2e-5
+    lr: float | None = None
     warmup: int | None = None
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
@@ -121,7 +137,7 @@ class FinetuneOptions:
         for name in ("seq_len", "batch_size", "grad_accum"):
             if getattr(self, name) < 1:
                 raise OptionsError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if (self.tokens or self.steps or 0) < 1 or not self.lr > 0 or not self.kd_temperature > 0:
+        if (self.tokens or self.steps or 0) < 1 or not (self.lr is None or self.lr > 0) or not self.kd_temperature > 0:
             raise OptionsError("tokens/steps, lr and kd_temperature must be positive")
         torch_dtype(self.dtype)
         check_device(self.device)
@@ -132,6 +148,7 @@ class FinetuneSummary:
     out: str
     steps: int
     tokens: int
+    lr: float
     final_loss: float
     eval_ppl_before: float | None
     eval_ppl_after: float | None
@@ -354,10 +371,13 @@ def _start_run(
     world: int,
     device: str,
 ) -> RunState:
-    """Load student and teacher, pack the data, build optimiser and schedule, restore a saved state (resume), and
-    open the log; every rank does the same, so the random state stays in step."""
+    """Load student and teacher, settle the learning rate (unless given: by the student's cache share), pack the
+    data, build optimiser and schedule, restore a saved state (resume), and open the log; every rank does the same,
+    so the random state stays in step."""
     torch.manual_seed(options.seed)
     model, teacher = _load_models(model_path, options, sources, rank, world, device)
+    if options.lr is None:
+        options = replace(options, lr=default_lr(cache_share(model.config)))
     tokenizer = load_tokenizer(model_path)
     sequences = pack(training_stream(sources, tokenizer, teacher, options.seq_len, options.seed), options.seq_len)
     steps = options.steps or -(-options.tokens // (options.batch_size * options.grad_accum * world * options.seq_len))
@@ -569,6 +589,7 @@ def _finish(run: RunState, model_path: Path, loss: float, seconds: float) -> Fin
         out=str(run.out),
         steps=run.steps,
         tokens=run.steps * tokens_per_step,
+        lr=run.options.lr,
         final_loss=loss,
         eval_ppl_before=run.ppl_before,
         eval_ppl_after=ppl_after,
