@@ -269,7 +269,13 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model", help="converted checkpoint folder")
     p.add_argument("out", help="output folder (the fine-tuned checkpoint, its log and resumable state)")
     p.add_argument("--teacher", help="teacher checkpoint (default: the source recorded in MODEL's config)")
-    p.add_argument("--data", nargs="+", default=d["data"], metavar="SPEC", help="text specs or generate:N")
+    p.add_argument(
+        "--data",
+        nargs="+",
+        default=d["data"],
+        metavar="SPEC",
+        help="text specs or generate:N, mixed in equal shares (default: %(default)s)",
+    )
     p.add_argument("--text-column", default=d["text_column"])
     length = p.add_mutually_exclusive_group(required=True)
     length.add_argument("--tokens", type=int, help="training tokens (rounded up to whole steps)")

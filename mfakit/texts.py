@@ -32,6 +32,10 @@ BUILTINS = ("pydoc", "stdlib", "docstrings")
 # quality benchmark's development domains (docs/benchmarks.md): against pydoc alone, MFA-KR at a quarter of the
 # cache went from 4.41x to 3.40x the source's perplexity on text neither had seen.
 DEFAULT_CALIBRATION = tuple(f"builtin:{name}" for name in BUILTINS)
+# A large built-in corpus is read as the heads of documents spread over it, of this many characters per window
+# token, until as many heads' worth of text as there are windows: 3-4 characters make a token, so the windows
+# come from about as many modules as there are windows.
+CHARS_PER_WINDOW_SAMPLED = 6
 STDLIB_SKIPPED = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
 PARTS = ("calibration", "evaluation")
 DATASET_SUFFIXES = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -197,6 +201,22 @@ def spread_windows(stream: torch.Tensor, seq_len: int, n_windows: int) -> torch.
     n = min(n_windows, available)
     starts = torch.linspace(0, stream.numel() - seq_len, n).long() if n > 1 else torch.zeros(1, dtype=torch.long)
     return torch.stack([stream[s : s + seq_len] for s in starts.tolist()])
+
+
+def mixed_windows(tokenizer, sources: list[TextSource], n_windows: int, seq_len: int) -> tuple[torch.Tensor, str]:
+    """About n_windows windows of seq_len tokens, (n, seq_len), from the calibration part of the sources in equal
+    shares (the first ones take the remainder), each share spread evenly over its text (all of a shorter text's
+    windows; a large built-in corpus: one document's head per window); and a description of the texts with their
+    checksums."""
+    windows, described = [], []
+    for k, source in enumerate(sources):
+        share = n_windows // len(sources) + (k < n_windows % len(sources))
+        head = CHARS_PER_WINDOW_SAMPLED * seq_len
+        texts = load_texts(source, part="calibration", sample=(head, share * head))
+        if share:
+            windows.append(spread_windows(tokenize(tokenizer, texts), seq_len, share))
+        described.append(f"{source} [{fingerprint(texts)}]")
+    return torch.cat(windows), " + ".join(described)
 
 
 def fingerprint(texts: list[str]) -> str:

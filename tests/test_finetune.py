@@ -22,8 +22,9 @@ from mfakit.errors import OptionsError
 from mfakit.families import cache_share
 from mfakit.finetune import FinetuneOptions, finetune
 from mfakit.finetune import train as train_module
-from mfakit.finetune.dataset import sequence_indices
+from mfakit.finetune.dataset import sequence_indices, training_sequences
 from mfakit.finetune.train import LR, LR_BELOW_HALF, kd_loss, lr_factor
+from mfakit.texts import TextSource, TextSourceError
 from tests.conftest import one_error_line, sample_ids
 
 FAST = FinetuneOptions(
@@ -80,6 +81,31 @@ def test_data_order_covers_every_sequence_each_epoch():
     assert sorted(order[:10]) == sorted(order[10:20]) == list(range(10))
     assert order[:10] != order[10:20]
     assert sequence_indices(7, 13, 10, seed=3) == order[7:20]
+
+
+def test_training_texts_are_mixed_in_equal_shares(tokenizer, tmp_path):
+    """Each text supplies an equal share of the run's sequences, spread over it (a shorter text all it has), and
+    every sequence is a window of its text."""
+    long_text, short_text = tmp_path / "long.txt", tmp_path / "short.txt"
+    long_text.write_text(Path(json.__file__).read_text() * 8)
+    short_text.write_text(" ".join(f"word{i}" for i in range(100)))
+    ids = {p: tokenizer(p.read_text(), add_special_tokens=False)["input_ids"] for p in (long_text, short_text)}
+    short_windows = len(ids[short_text]) // 64
+    assert 0 < short_windows < 10
+
+    def windows_of(path: Path, rows: torch.Tensor) -> bool:
+        text = ids[path]
+        return all(any(text[i : i + 64] == r.tolist() for i in range(len(text) - 63)) for r in rows)
+
+    texts = [TextSource("file", str(long_text)), TextSource("file", str(short_text))]
+    sequences = training_sequences(texts, tokenizer, None, 64, 0, 20)
+    assert sequences.shape == (10 + short_windows, 64)
+    assert windows_of(long_text, sequences[:10]) and windows_of(short_text, sequences[10:])
+    alone = training_sequences(texts[:1], tokenizer, None, 64, 0, 20)
+    assert alone.shape == (20, 64) and alone[0].tolist() == ids[long_text][:64]
+    assert alone[-1].tolist() == ids[long_text][len(ids[long_text]) - 64 :]
+    with pytest.raises(TextSourceError, match="give a teacher"):
+        training_sequences([*texts, 512], tokenizer, None, 64, 0, 20)
 
 
 def test_distillation_moves_the_student_towards_the_teacher(student, teacher, tokenizer, tmp_path):

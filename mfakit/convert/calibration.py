@@ -23,13 +23,9 @@ from transformers.utils import logging as hf_logging
 
 from mfakit.checkpoint import CheckpointError, LazyCheckpoint
 from mfakit.convert.readout import ReadoutSamples, ReadoutStats, add_gram_, mirror_gram_
-from mfakit.texts import fingerprint, load_texts, parse_text_spec, spread_windows, tokenize
+from mfakit.texts import mixed_windows, parse_text_spec
 
 CALIBRATION_BATCH = 8  # sequences per forward pass
-# A large built-in corpus gives calibration the heads of documents spread over it, of this many characters per
-# window token, until as many heads' worth of text as there are windows: 3-4 characters make a token, so windows
-# come from about as many modules as there are windows.
-CHARS_PER_WINDOW_SAMPLED = 6
 
 
 def _rebuild_meta_buffers(module: nn.Module, init: Callable[[nn.Module], None]) -> None:
@@ -322,19 +318,11 @@ class Streams:
 
 def calibration_batches(tokenizer, specs: tuple[str, ...], tokens: int, seq_len: int) -> tuple[list[torch.Tensor], str]:
     """The calibration texts as batches of token windows: about `tokens` tokens in windows of `seq_len`, in equal
-    shares of the texts (the first ones take the remainder), each share spread evenly over its text (a large
-    built-in corpus: one window per document sampled); and a description of the texts with their checksums."""
-    n_windows = max(1, tokens // seq_len)
-    windows, described = [], []
-    for k, spec in enumerate(specs):
-        source = parse_text_spec(spec)
-        share = n_windows // len(specs) + (k < n_windows % len(specs))
-        head = CHARS_PER_WINDOW_SAMPLED * seq_len
-        texts = load_texts(source, part="calibration", sample=(head, share * head))
-        if share:
-            windows.append(spread_windows(tokenize(tokenizer, texts), seq_len, share))
-        described.append(f"{source} [{fingerprint(texts)}]")
-    return list(torch.cat(windows).split(CALIBRATION_BATCH)), " + ".join(described)
+    shares of the texts (`mixed_windows`); and a description of the texts with their checksums."""
+    windows, described = mixed_windows(
+        tokenizer, [parse_text_spec(s) for s in specs], max(1, tokens // seq_len), seq_len
+    )
+    return list(windows.split(CALIBRATION_BATCH)), described
 
 
 def _readout_pairs(

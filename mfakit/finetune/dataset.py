@@ -1,15 +1,16 @@
 """Training data for fine-tuning: text specs (as in evaluation) or text sampled from the teacher, packed into
 fixed-length sequences, and a deterministic order over them that every rank and every resumed run agrees on.
 
-A training source is any text spec of `mfakit.texts` (builtin:pydoc reads its calibration part, never the
-held-out part) or `generate:N`: N tokens sampled from the teacher, for a user who has no corpus.
+A training source is any text spec of `mfakit.texts` (a built-in corpus reads its calibration part, never the
+held-out part) or `generate:N`: N tokens sampled from the teacher, for a user who has no corpus. Several text
+sources are mixed in equal shares of the run's sequences, as calibration mixes its texts.
 """
 
 from __future__ import annotations
 
 import torch
 
-from mfakit.texts import TextSource, TextSourceError, load_texts, parse_text_spec, tokenize
+from mfakit.texts import TextSource, TextSourceError, mixed_windows, parse_text_spec
 
 GENERATE_PREFIX = "generate:"
 # Sampling from the teacher's own distribution, nothing cut off: generated text is what the model itself predicts.
@@ -76,17 +77,19 @@ def sample_teacher(
     return torch.cat(pieces)
 
 
-def training_stream(sources: list[TextSource | int], tokenizer, teacher, seq_len: int, seed: int) -> torch.Tensor:
-    """All training tokens as one stream, sources in the order given."""
-    streams = []
-    for source in sources:
-        if isinstance(source, int):
-            if teacher is None:
-                raise TextSourceError("generate:N samples from the teacher; give a teacher")
-            streams.append(sample_teacher(teacher, tokenizer, source, seq_len, batch_size=8, seed=seed))
-        else:
-            streams.append(tokenize(tokenizer, load_texts(source, part="calibration")))
-    return torch.cat(streams)
+def training_sequences(
+    sources: list[TextSource | int], tokenizer, teacher, seq_len: int, seed: int, wanted: int
+) -> torch.Tensor:
+    """The training sequences, (n, seq_len): the text sources' calibration parts in equal shares of `wanted`
+    sequences (`mixed_windows`: each share spread evenly over its text, all of a shorter text's windows), then
+    the sequences sampled from the teacher for each generate:N, in the order given."""
+    texts = [s for s in sources if isinstance(s, TextSource)]
+    parts = [mixed_windows(tokenizer, texts, wanted, seq_len)[0]] if texts else []
+    for count in (s for s in sources if isinstance(s, int)):
+        if teacher is None:
+            raise TextSourceError("generate:N samples from the teacher; give a teacher")
+        parts.append(pack(sample_teacher(teacher, tokenizer, count, seq_len, batch_size=8, seed=seed), seq_len))
+    return torch.cat(parts)
 
 
 def sequence_indices(position: int, count: int, n_sequences: int, seed: int) -> list[int]:
