@@ -95,6 +95,7 @@ def cmd_convert(args: argparse.Namespace) -> None:
             key_fraction=args.key_fraction,
             nope_angle=args.nope_angle,
             nope_context=args.nope_context,
+            logit_scale=args.logit_scale,
         )
     options = ConvertOptions(
         variant=args.variant,
@@ -238,6 +239,12 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
         "half the cache up, 2 pi, one full turn, below)",
     )
     m.add_argument("--nope-context", type=int, help="context for --nope-angle (default: max_position_embeddings)")
+    m.add_argument(
+        "--logit-scale",
+        type=float,
+        help="every query head's logits times this once a layer is fitted (default: MFA-KR below half the cache "
+        "1.15, else 1)",
+    )
     m.add_argument("--plain", action="store_true", help="the first method: uniform PCA, 50:50 split, none of the above")
     p.add_argument(
         "--approximate-qk-norm",

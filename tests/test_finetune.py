@@ -109,14 +109,14 @@ def test_training_texts_are_mixed_in_equal_shares(tokenizer, tmp_path):
 
 
 def test_distillation_moves_the_student_towards_the_teacher(student, teacher, tokenizer, tmp_path):
-    finetune(student, tmp_path / "ft", replace(FAST, steps=30, lr=1e-3, warmup=5))
+    finetune(student, tmp_path / "ft", replace(FAST, steps=40, lr=1e-3, warmup=5))
     ids = sample_ids(tokenizer, n=64, batch=4)
     before = teacher_kl(student, teacher, ids)
     after = teacher_kl(tmp_path / "ft", teacher, ids)
-    assert after < 0.7 * before
+    assert after < 0.7 * before, (before, after)
     log = [json.loads(line) for line in (tmp_path / "ft" / "finetune-log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in log if "loss" in r] == list(range(1, 31))
-    assert [r["step"] for r in log if "eval_ppl" in r] == [0, 30]
+    assert [r["step"] for r in log if "loss" in r] == list(range(1, 41))
+    assert [r["step"] for r in log if "eval_ppl" in r] == [0, 40]
 
 
 def test_output_is_a_checkpoint_with_only_attention_trained(student, tmp_path):

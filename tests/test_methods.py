@@ -18,6 +18,7 @@ from mfakit.convert import plan as plan_module
 from mfakit.convert import readout as ro
 from mfakit.convert import recipe as recipe_module
 from mfakit.convert.plan import ConversionMethod
+from mfakit.errors import OptionsError
 from tests.conftest import CALIB, logits, sample_ids
 
 
@@ -217,6 +218,34 @@ def test_default_nope_angle_follows_the_budget(monkeypatch, variant, kv_dim, v_d
     assert seen == [angle, 3.0]
 
 
+def test_logit_scale_follows_the_variant_and_budget():
+    """Unless set: 1.15 for MFA-KR below half the cache, 1 otherwise; a set factor wins everywhere."""
+    default, set_ = ConversionMethod(), ConversionMethod(logit_scale=1.3)
+    assert [default.logit_scale_at(share, "mfa-kr") for share in (0.125, 0.25, 0.5, 1.0)] == [1.15, 1.15, 1.0, 1.0]
+    assert default.logit_scale_at(0.25, "mfa") == 1.0
+    assert set_.logit_scale_at(0.5, "mfa") == set_.logit_scale_at(0.25, "mfa-kr") == 1.3
+    with pytest.raises(OptionsError, match="logit_scale"):
+        ConversionMethod(logit_scale=0.0)
+
+
+def test_logit_scale_multiplies_the_fitted_queries(tiny, tmp_path):
+    """The first layer of a default MFA-KR conversion below half the cache is the one with --logit-scale 1 with its
+    query rows times 1.15 (keys and outputs identical); the later layers see its output, so they differ."""
+    src = tiny("llama-gqa")
+    converted = {}
+    for name, flags in {"default": [], "one": ["--logit-scale", "1"]}.items():
+        out = tmp_path / name
+        assert main(["convert", str(src), str(out), "--variant", "mfa-kr", "--kv-ratio", "0.25", *CALIB, *flags]) == 0
+        converted[name] = load_file(out / "model.safetensors")
+    default, one = converted["default"], converted["one"]
+    first = "model.layers.0.self_attn."
+    assert torch.allclose(default[first + "q_proj.weight"], 1.15 * one[first + "q_proj.weight"], rtol=1e-6, atol=0)
+    assert torch.equal(default[first + "k_proj.weight"], one[first + "k_proj.weight"])
+    assert torch.equal(default[first + "o_proj.weight"], one[first + "o_proj.weight"])
+    second = "model.layers.1.self_attn.o_proj.weight"
+    assert not torch.equal(default[second], one[second])
+
+
 def kl_to_source(path, source, ids) -> float:
     out, ref = logits(path, ids), logits(source, ids)
     return float((ref.softmax(-1) * (ref.log_softmax(-1) - out.log_softmax(-1))).sum(-1).mean())
@@ -250,6 +279,7 @@ def test_method_flags_are_recorded_and_change_the_layout(tiny, tmp_path):
         "key_fraction": 0.5,
         "nope_angle": 0.0,
         "nope_context": None,
+        "logit_scale": None,
         "tune_steps": 0,
         "tune_lr": 0.001,
     }
