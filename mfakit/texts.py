@@ -209,9 +209,9 @@ def mixed_windows(tokenizer, sources: list[TextSource], n_windows: int, seq_len:
     windows; a large built-in corpus: one document's head per window); and a description of the texts with their
     checksums."""
     windows, described = [], []
+    head = CHARS_PER_WINDOW_SAMPLED * seq_len
     for k, source in enumerate(sources):
         share = n_windows // len(sources) + (k < n_windows % len(sources))
-        head = CHARS_PER_WINDOW_SAMPLED * seq_len
         texts = load_texts(source, part="calibration", sample=(head, share * head))
         if share:
             windows.append(spread_windows(tokenize(tokenizer, texts), seq_len, share))

@@ -290,10 +290,10 @@ def convert_one_layer(
         mfa = refit_output(plan, options, run, i, (mfa, src, pre), x, source_run.attn_out, layer_args)
     if method.tune_steps and not exact and pre is None:
         mfa = tune_output(plan, options, i, (mfa, src), sigma, x, source_run.attn_out, layer_args)
-    if not exact:
-        mfa.wq.mul_(
-            method.logit_scale_at(layer_cache_share(src, options.variant, plan.kv_dim, plan.v_dim), options.variant)
-        )
+    share = layer_cache_share(src, options.variant, plan.kv_dim, plan.v_dim)
+    scale = 1.0 if exact else method.logit_scale_at(share, options.variant)
+    if scale != 1.0:  # the query rows are the layer's largest tensor: no pass over them for nothing
+        mfa.wq.mul_(scale)
     layer_config, tensors = write_converted(plan, options, run, i, (mfa, src, pre), sigma)
     del mfa, sigma  # the written tensors replace their float32 forms
     if method.sequential and not exact:
