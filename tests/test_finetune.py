@@ -246,12 +246,36 @@ def one_process(student, tmp_path_factory) -> Path:
     return out
 
 
+# Runs mfakit under torchrun and prints, as the process group is destroyed, whether the trained model still lives.
+MODEL_AT_DESTROY = """
+import sys, weakref
+import torch.distributed as dist
+from mfakit.cli import main
+from mfakit.finetune import train
+models, real_start, real_destroy = [], train._start_run, dist.destroy_process_group
+def start(*args, **kwargs):
+    run = real_start(*args, **kwargs)
+    models.append(weakref.ref(run.model))
+    return run
+def destroy(*args, **kwargs):
+    print("model alive at destroy:", models[0]() is not None, flush=True)
+    return real_destroy(*args, **kwargs)
+train._start_run, train.dist.destroy_process_group = start, destroy
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 def test_two_processes_under_torchrun_equal_one_with_twice_the_batch(student, one_process, tmp_path):
     """DistributedDataParallel on gloo: rank r reads the sequences a single process would read as rows r*B..,
-    and gradients are averaged, so the result matches one process with batch 2B (up to summation order)."""
-    two = tmp_path / "two"
-    result = torchrun("finetune", str(student), str(two), "--batch-size", "2", "--eval-text", "none", *TORCHRUN_ARGS)
+    and gradients are averaged, so the result matches one process with batch 2B (up to summation order). Each
+    rank frees its model (and DDP's reducer) before it destroys the process group: freed after, the reducer's
+    destructor can deadlock with gloo's worker threads on the GIL."""
+    two, script = tmp_path / "two", tmp_path / "watch.py"
+    script.write_text(MODEL_AT_DESTROY)
+    args = ["finetune", str(student), str(two), "--batch-size", "2", "--eval-text", "none", *TORCHRUN_ARGS]
+    result = torchrun(*args, script=(str(script),))
     assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("model alive at destroy: False") == 2, result.stdout
     one, two_weights = weights(one_process), weights(two)
     assert all(torch.allclose(one[k], two_weights[k], atol=1e-5) for k in one)
     config = json.loads((two / "config.json").read_text())
