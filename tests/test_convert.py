@@ -237,7 +237,7 @@ MATH = {
         "refit_from_samples_",
         "mfa_tensors",
     ),
-    fz: ("balance_", "factor_query"),
+    fz: ("balance_", "round_inputs_", "factor_query"),
 }
 DEVICE_CASES = {
     "mfa-kr, refit, shared query": ("llama-gqa", ["--variant", "mfa-kr", "--kv-ratio", "0.5", "--share-q-dim", "32"]),

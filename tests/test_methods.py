@@ -11,6 +11,7 @@ import math
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mfakit.cli import main
 from mfakit.convert import factorize as fz
@@ -488,3 +489,47 @@ def test_component_choice_is_optimal(seed):
         assert sum(c * g.cost for c, g in zip(counts, groups, strict=True)) <= budget
         kept = sum(float(g.gains[:c].sum()) for c, g in zip(counts, groups, strict=True))
         assert kept == pytest.approx(best_by_enumeration(groups, budget), abs=1e-9)
+
+
+@pytest.mark.parametrize(
+    ("kind", "variant", "dtype"),
+    [
+        ("phi3", "mfa-kr", "float32"),
+        ("qwen3", "mfa-kr", "float32"),
+        ("gemma3_text", "mfa", "float32"),
+        ("gpt2", "mfa", "float32"),
+        ("gpt-neox", "mfa-kr", "float32"),
+        ("qwen3", "mfa-kr", "bfloat16"),
+        ("phi3", "mfa", "bfloat16"),
+    ],
+)
+def test_the_sequential_pass_replays_the_refit_attention_to_the_same_bytes(
+    family, tmp_path, monkeypatch, kind, variant, dtype
+):
+    """Refit from the samples of every calibration sequence, the sequential pass replays what the refit's converted
+    attention computed (its query, key and value rows rounded as written) instead of running the written attention
+    again: the checkpoint is the same bytes as when the pass runs it, so every later layer was calibrated on what
+    the written model computes. In bfloat16 this needs the rows rounded before the refit."""
+    src = str(family(kind))
+    if dtype != "float32":
+        model = AutoModelForCausalLM.from_pretrained(src, dtype=getattr(torch, dtype))
+        src = str(tmp_path / dtype)
+        model.save_pretrained(src)
+        AutoTokenizer.from_pretrained(family(kind)).save_pretrained(src)
+    common = ["--variant", variant, "--kv-ratio", "0.5", *CALIB]
+    real_memory, real_refit, real_replay = (
+        recipe_module.refit_memory,
+        recipe_module.refit_output,
+        recipe_module.ReplayedAttention,
+    )
+    monkeypatch.setattr(recipe_module, "refit_memory", lambda *a: {**real_memory(*a), "statistics": 10**15})
+    replays = []
+    monkeypatch.setattr(recipe_module, "ReplayedAttention", lambda *a: replays.append(a) or real_replay(*a))
+    assert main(["convert", src, str(tmp_path / "replayed"), *common]) == 0
+    assert len(replays) == 2  # both layers
+    monkeypatch.setattr(recipe_module, "refit_output", lambda *a: (real_refit(*a)[0], None))
+    assert main(["convert", src, str(tmp_path / "run"), *common]) == 0
+    assert len(replays) == 2
+    replayed, run = (load_file(tmp_path / name / "model.safetensors") for name in ("replayed", "run"))
+    assert replayed.keys() == run.keys()
+    assert all(torch.equal(replayed[k], run[k]) for k in run)

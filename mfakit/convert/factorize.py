@@ -575,3 +575,13 @@ def balance_(layer: MFALayer, sigma: Tensor) -> None:
         sv = unit_scales(layer.wv, paired=False)
         layer.wv.mul_(sv[:, None])
         layer.wo.div_(sv.to(layer.wo.dtype)[None, None, :])
+
+
+def round_inputs_(layer: MFALayer, dtype: torch.dtype) -> None:
+    """Round the query, key and value rows to the values a checkpoint in `dtype` holds, in place (each keeps its
+    own dtype; rounding elementwise commutes with the slicing and stacking that lay them out for writing). The
+    output refit and the sequential pass that follow then compute the attention the written checkpoint computes;
+    the output columns are fitted afterwards and rounded when written."""
+    for rows in (layer.wq, layer.wk, layer.wv):
+        if rows is not None and torch.finfo(dtype).bits < torch.finfo(rows.dtype).bits:
+            rows.copy_(rows.to(dtype))

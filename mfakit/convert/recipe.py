@@ -286,19 +286,27 @@ def convert_one_layer(
     layer.to("meta")
     mfa = convert_layer(src, sigma, options.variant, plan.kv_dim, plan.v_dim, method, plan.nope_context)
     src = src.without_weights()
+    fz.balance_(mfa, sigma)
+    fz.round_inputs_(mfa, getattr(torch, run.state.out_dtype))
+    replay = None
     if method.refit and not exact:
-        mfa = refit_output(plan, options, run, i, (mfa, src, pre), x, source_run.attn_out, layer_args)
+        mfa, replay = refit_output(plan, options, run, i, (mfa, src, pre), x, source_run.attn_out, layer_args)
     if method.tune_steps and not exact and pre is None:
-        mfa = tune_output(plan, options, i, (mfa, src), sigma, x, source_run.attn_out, layer_args)
+        mfa, replay = tune_output(plan, options, i, (mfa, src), x, source_run.attn_out, layer_args), None
     share = layer_cache_share(src, options.variant, plan.kv_dim, plan.v_dim)
     scale = 1.0 if exact else method.logit_scale_at(share, options.variant)
     if scale != 1.0:  # the query rows are the layer's largest tensor: no pass over them for nothing
         mfa.wq.mul_(scale)
+        replay = None  # the refit's attention is no longer the written one
+    if options.share_q_dim:
+        replay = None  # the written queries are a product of two rounded factors
     layer_config, tensors = write_converted(plan, options, run, i, (mfa, src, pre), sigma)
     del mfa, sigma  # the written tensors replace their float32 forms
     if method.sequential and not exact:
         load_module(plan.skeleton, layer_path, plan.ckpt, exclude=(layout.attention_prefix(i) + ".",))
         converted = mfa_module(plan.config, options.variant, layout, layer_config, tensors, i)
+        if replay is not None:
+            converted, replay = ReplayedAttention(converted.o_proj, replay), None
         layer.set_submodule(layout.attention_name, converted)
         layer.to(device=options.device)
         converted_stream = run_layer(layer, converted, streams.converted_or_source, layer_args).hidden
@@ -350,9 +358,11 @@ def refit_output(
     x: list[torch.Tensor],
     target: list[torch.Tensor],
     layer_args: list,
-) -> fz.MFALayer:
+) -> tuple[fz.MFALayer, list[torch.Tensor] | None]:
     """Layer i's output projection refit on what the converted attention computes from its inputs `x` against the
-    source attention's outputs `target`, in the way its memory allows (`refit_plan`; each fallback noted once)."""
+    source attention's outputs `target`, in the way its memory allows (`refit_plan`; each fallback noted once).
+    Refit from the samples of every sequence, it also returns their output-projection inputs, one (batch, tokens,
+    n) tensor per batch of `x`, for the sequential pass to replay (`ReplayedAttention`); else None."""
     mfa, src, pre = layer
     features = mfa.wo.shape[1] * mfa.wo.shape[2]
     sequences = sum(b.shape[0] for b in x)
@@ -362,7 +372,7 @@ def refit_output(
     if way.way == "skip":
         least = min(way.need, key=way.need.get)
         run.note_once("skip", f"layer {i}: output refit skipped ({features} readout features need {need[least]} {over}")
-        return mfa
+        return mfa, None
     if way.sequences < sequences:
         run.note_once(
             "subset",
@@ -378,9 +388,36 @@ def refit_output(
         )
     module = working_module(plan, options, i, (mfa, src, pre))
     if way.way == "samples":
-        refit_from_samples_(mfa, readout_samples(module, x, target, layer_args, way.folds))
-        return mfa
-    return refit_from_statistics(mfa, readout_statistics(module, x, target, layer_args, src.bo, way.folds))[0]
+        samples = readout_samples(module, x, target, layer_args, way.folds)
+        refit_from_samples_(mfa, samples)
+        if way.sequences < sequences:
+            return mfa, None
+        return mfa, [u.view(*xb.shape[:-1], -1) for u, xb in zip(samples.u.split(tokens_per_batch(x)), x, strict=True)]
+    return refit_from_statistics(mfa, readout_statistics(module, x, target, layer_args, src.bo, way.folds))[0], None
+
+
+def tokens_per_batch(batches: list[torch.Tensor]) -> list[int]:
+    """The tokens of each (batch, tokens, width) batch."""
+    return [b.numel() // b.shape[-1] for b in batches]
+
+
+class ReplayedAttention(torch.nn.Module):
+    """A converted attention in the sequential pass, from what its output refit computed: each call returns the
+    output projection of the next batch's recorded output-projection inputs (the refit ran the converted attention,
+    its query, key and value rows already as written, on the very inputs the pass gives it, batch by batch). Only
+    the output projection, fitted afterwards, is computed again, by the written module's own; the attention,
+    at hidden 4096 a 4096 -> 32,768 query map at half the cache, is not."""
+
+    def __init__(self, o_proj: torch.nn.Module, inputs: list[torch.Tensor]):
+        super().__init__()
+        self.o_proj = o_proj
+        self.inputs = list(reversed(inputs))  # each popped when replayed: none outlives its batch
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, None]:
+        u = self.inputs.pop()
+        if u.shape[:-1] != hidden_states.shape[:-1]:
+            raise RuntimeError("the replayed attention was given other inputs than its refit")
+        return self.o_proj(u), None
 
 
 def tune_output(
@@ -388,15 +425,13 @@ def tune_output(
     options: ConvertOptions,
     i: int,
     layer: tuple[fz.MFALayer, fz.SourceAttention],
-    sigma: torch.Tensor,
     x: list[torch.Tensor],
     target: list[torch.Tensor],
     layer_args: list,
 ) -> fz.MFALayer:
     """Layer i's converted attention after `options.method.tune_steps` Adam steps of output reconstruction, from
-    balanced factors (Adam's steps suit unit-scale channels)."""
+    its balanced factors (`balance_`: Adam's steps suit unit-scale channels)."""
     mfa, src = layer
-    fz.balance_(mfa, sigma)
     module = working_module(plan, options, i, (mfa, src, None))
     method = options.method
     with torch.enable_grad():
@@ -426,11 +461,9 @@ def write_converted(
     layer: tuple[fz.MFALayer, fz.SourceAttention, PreLatent | None],
     sigma: torch.Tensor,
 ) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Balance the latent scales, factor the query if asked, and write layer i's converted tensors in the source's
-    dtype (the source's own tensors of a QK-norm layer's pre-latent stage as they are); returns its `mfa_layers`
-    entry and the tensors."""
+    """Factor the query if asked, and write layer i's converted tensors in the source's dtype (the source's own
+    tensors of a QK-norm layer's pre-latent stage as they are); returns its `mfa_layers` entry and the tensors."""
     mfa, src, pre = layer
-    fz.balance_(mfa, sigma)
     q_factors = fz.factor_query(mfa, sigma, options.share_q_dim) if options.share_q_dim else None
     out_dtype = getattr(torch, run.state.out_dtype)
     # The largest two in the output dtype one after the other, each replacing its float32 form (the caller's
