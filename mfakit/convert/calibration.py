@@ -397,12 +397,17 @@ def readout_statistics(
     return kept
 
 
+def tokens_per_batch(batches: list[torch.Tensor]) -> list[int]:
+    """The tokens of each (batch, tokens, width) batch."""
+    return [b.numel() // b.shape[-1] for b in batches]
+
+
 def readout_samples(
     module: nn.Module, x: list[torch.Tensor], y: list[torch.Tensor], layer_args: list, folds: int
 ) -> ReadoutSamples:
     """The readout refit's calibration samples themselves, each token labelled with its sequence's fold, written into
     buffers of their final size as they come (a concatenation would hold them twice); u in float32 at least."""
-    tokens = sum(xb.numel() // xb.shape[-1] for xb in x)
+    tokens = sum(tokens_per_batch(x))
     n, d = module.o_proj.in_features, module.o_proj.out_features
     u_dtype, device = torch.promote_types(x[0].dtype, torch.float32), x[0].device
     samples = ReadoutSamples(

@@ -45,6 +45,7 @@ from mfakit.convert.calibration import (
     run_layer,
     second_moment,
     spread_rows,
+    tokens_per_batch,
 )
 from mfakit.convert.plan import (
     ConversionPlan,
@@ -287,9 +288,11 @@ def convert_one_layer(
     mfa = convert_layer(src, sigma, options.variant, plan.kv_dim, plan.v_dim, method, plan.nope_context)
     src = src.without_weights()
     fz.balance_(mfa, sigma)
-    fz.round_inputs_(mfa, getattr(torch, run.state.out_dtype))
     replay = None
     if method.refit and not exact:
+        # The refit fits the attention as written; elsewhere the write's own cast rounds (no pass for nothing
+        # over the query rows, the layer's largest tensor).
+        fz.round_inputs_(mfa, getattr(torch, run.state.out_dtype))
         mfa, replay = refit_output(plan, options, run, i, (mfa, src, pre), x, source_run.attn_out, layer_args)
     if method.tune_steps and not exact and pre is None:
         mfa, replay = tune_output(plan, options, i, (mfa, src), x, source_run.attn_out, layer_args), None
@@ -394,11 +397,6 @@ def refit_output(
             return mfa, None
         return mfa, [u.view(*xb.shape[:-1], -1) for u, xb in zip(samples.u.split(tokens_per_batch(x)), x, strict=True)]
     return refit_from_statistics(mfa, readout_statistics(module, x, target, layer_args, src.bo, way.folds))[0], None
-
-
-def tokens_per_batch(batches: list[torch.Tensor]) -> list[int]:
-    """The tokens of each (batch, tokens, width) batch."""
-    return [b.numel() // b.shape[-1] for b in batches]
 
 
 class ReplayedAttention(torch.nn.Module):
