@@ -53,9 +53,11 @@ def _show_notes() -> None:
         logger.propagate = False
 
 
-def _add_device(p: argparse.ArgumentParser, dtypes: tuple[str, ...], default_dtype: str = "float32") -> None:
+def _add_device(
+    p: argparse.ArgumentParser, dtypes: tuple[str, ...], default_dtype: str = "float32", dtype_help: str | None = None
+) -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
-    p.add_argument("--dtype", default=default_dtype, choices=dtypes)
+    p.add_argument("--dtype", default=default_dtype, choices=dtypes, help=dtype_help)
 
 
 def _add_text(p: argparse.ArgumentParser) -> None:
@@ -320,7 +322,13 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--seed", type=int, default=d["seed"])
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    _add_device(p, ("float32", "bfloat16"), d["dtype"])
+    _add_device(
+        p,
+        ("auto", "float32", "bfloat16"),
+        d["dtype"],
+        "the teacher's dtype and the student's autocast; auto: bfloat16 where the device multiplies it in hardware "
+        "(a CUDA GPU that supports it, a CPU with AVX512-BF16 or AMX), else float32 (default %(default)s)",
+    )
     p.set_defaults(func=cmd_finetune)
 
 

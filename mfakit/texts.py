@@ -7,11 +7,12 @@ A text spec is one of
     file:PATH  (or just PATH)          a plain text file; .json/.jsonl/.parquet/.csv files go through `datasets`
     dataset:NAME[:CONFIG[:SPLIT]]      anything `datasets.load_dataset` resolves (a hub name, a local folder)
 
-Every built-in corpus ships with Python and is split into a calibration part and a held-out evaluation part that
-share no document: the documents (topics by name, modules by path), sorted, whose index is 2 modulo 5 are the
-evaluation part (16 of 79 topics in Python 3.11), all others the calibration part. Calibration and fine-tuning read
-the calibration part, evaluation the other. The source-code corpora are large (12 MB); calibration reads the heads
-of documents spread evenly over them, so that its windows come from many modules.
+Every built-in corpus ships with Python and is split into three parts that share no document: the documents (topics
+by name, modules by path), sorted, go by their index modulo 5: 0 and 1 to the calibration part, 2 to the held-out
+evaluation part (16 of 79 topics in Python 3.11), 3 and 4 to the training part. Conversion reads the calibration
+part, fine-tuning the training part, evaluation the evaluation part, so that no fine-tuning run learns the text its
+conversion was fitted on. The source-code corpora are large (12 MB); calibration and training read the heads of
+documents spread evenly over them, so that their windows come from many modules.
 """
 
 from __future__ import annotations
@@ -37,7 +38,10 @@ DEFAULT_CALIBRATION = tuple(f"builtin:{name}" for name in BUILTINS)
 # come from about as many modules as there are windows.
 CHARS_PER_WINDOW_SAMPLED = 6
 STDLIB_SKIPPED = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
-PARTS = ("calibration", "evaluation")
+# The part of a built-in corpus each document belongs to, by its sorted index modulo 5 (the evaluation part, index 2,
+# is the held-out split every earlier table used; calibration and training halve the rest).
+PART_BY_INDEX = ("calibration", "calibration", "evaluation", "training", "training")
+PARTS = ("calibration", "training", "evaluation")
 DATASET_SUFFIXES = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
@@ -81,20 +85,21 @@ def parse_text_spec(spec: str, text_column: str = "text") -> TextSource:
     )
 
 
-def builtin_texts(name: str, part: str, sample: tuple[int, int] | None = None) -> list[str]:
-    """The documents of one part of a built-in corpus (see the module docstring for the split). A source-code
-    corpus read with `sample` = (characters per document, characters in all) gives documents spread evenly over
-    the corpus, each cut to its first characters, until the total: many documents' worth of text for few windows."""
+def builtin_texts(name: str, part: str | tuple[str, ...], sample: tuple[int, int] | None = None) -> list[str]:
+    """The documents of one part of a built-in corpus, or of several parts in corpus order (see the module docstring
+    for the split). A source-code corpus read with `sample` = (characters per document, characters in all) gives
+    documents spread evenly over the corpus, each cut to its first characters, until the total: many documents'
+    worth of text for few windows."""
     if name not in BUILTINS:
         raise TextSourceError(f"unknown built-in corpus {name!r} (known: {', '.join(BUILTINS)})")
-    if part not in PARTS:
-        raise ValueError(f"part must be one of {PARTS}")
-    held_out = part == "evaluation"
+    parts = (part,) if isinstance(part, str) else part
+    if not set(parts) <= set(PARTS):
+        raise ValueError(f"parts must be among {PARTS}")
     if name == "pydoc":
         from pydoc_data.topics import topics
 
-        return [topics[k] for i, k in enumerate(sorted(topics)) if (i % 5 == 2) == held_out]
-    files = [f for i, f in enumerate(stdlib_modules()) if (i % 5 == 2) == held_out]
+        return [topics[k] for i, k in enumerate(sorted(topics)) if PART_BY_INDEX[i % 5] in parts]
+    files = [f for i, f in enumerate(stdlib_modules()) if PART_BY_INDEX[i % 5] in parts]
     read = _read_source if name == "stdlib" else _docstrings
     head, wanted = sample if sample is not None else (None, None)
     texts: dict[int, str] = {}
@@ -203,16 +208,18 @@ def spread_windows(stream: torch.Tensor, seq_len: int, n_windows: int) -> torch.
     return torch.stack([stream[s : s + seq_len] for s in starts.tolist()])
 
 
-def mixed_windows(tokenizer, sources: list[TextSource], n_windows: int, seq_len: int) -> tuple[torch.Tensor, str]:
-    """About n_windows windows of seq_len tokens, (n, seq_len), from the calibration part of the sources in equal
-    shares (the first ones take the remainder), each share spread evenly over its text (all of a shorter text's
+def mixed_windows(
+    tokenizer, sources: list[TextSource], n_windows: int, seq_len: int, part: str = "calibration"
+) -> tuple[torch.Tensor, str]:
+    """About n_windows windows of seq_len tokens, (n, seq_len), from the sources (a built-in corpus: its `part`) in
+    equal shares (the first ones take the remainder), each share spread evenly over its text (all of a shorter text's
     windows; a large built-in corpus: one document's head per window); and a description of the texts with their
     checksums."""
     windows, described = [], []
     head = CHARS_PER_WINDOW_SAMPLED * seq_len
     for k, source in enumerate(sources):
         share = n_windows // len(sources) + (k < n_windows % len(sources))
-        texts = load_texts(source, part="calibration", sample=(head, share * head))
+        texts = load_texts(source, part=part, sample=(head, share * head))
         if share:
             windows.append(spread_windows(tokenize(tokenizer, texts), seq_len, share))
         described.append(f"{source} [{fingerprint(texts)}]")
@@ -228,14 +235,14 @@ def fingerprint(texts: list[str]) -> str:
 
 
 def train_bpe_tokenizer(vocab: int):
-    """A byte-level BPE tokenizer of `vocab` tokens trained on the built-in calibration text (<unk> = 0, <eos> = 1),
-    for synthetic and test checkpoints that have no tokenizer of their own."""
+    """A byte-level BPE tokenizer of `vocab` tokens trained on the documentation topics outside their evaluation part
+    (<unk> = 0, <eos> = 1), for synthetic and test checkpoints that have no tokenizer of their own."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<unk>", "<eos>"], show_progress=False)
-    tok.train_from_iterator(builtin_texts("pydoc", "calibration"), trainer=trainer)
+    tok.train_from_iterator(builtin_texts("pydoc", ("calibration", "training")), trainer=trainer)
     tok.decoder = decoders.ByteLevel()
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>", pad_token="<eos>")

@@ -1,20 +1,34 @@
-"""The built-in corpora that ship with Python: calibration and evaluation parts share no document, large corpora
+"""The built-in corpora that ship with Python: calibration, training and evaluation parts share no document, large corpora
 give evenly spread samples of about the size asked for, and every reading is the same text."""
 
 from __future__ import annotations
 
+from itertools import combinations
+
 import pytest
 
-from mfakit.texts import BUILTINS, _spread_order, builtin_texts, fingerprint, stdlib_modules
+from mfakit.texts import BUILTINS, PARTS, _spread_order, builtin_texts, fingerprint, stdlib_modules
 
 
 @pytest.mark.parametrize("name", BUILTINS)
 def test_parts_share_no_document(name):
     sample = None if name == "pydoc" else (3000, 120_000)
-    calibration = builtin_texts(name, "calibration", sample)
-    evaluation = builtin_texts(name, "evaluation", sample)
-    assert calibration and evaluation and not set(calibration) & set(evaluation)
-    assert fingerprint(builtin_texts(name, "evaluation", sample)) == fingerprint(evaluation)
+    parts = {part: builtin_texts(name, part, sample) for part in PARTS}
+    assert all(parts.values())
+    for a, b in combinations(PARTS, 2):
+        # Documents are split by path; only tiny files that exist at two paths (a package marker, a hello-world
+        # example) can give two parts the same text.
+        assert all(len(text) < 200 for text in set(parts[a]) & set(parts[b])), (a, b)
+    assert fingerprint(builtin_texts(name, "evaluation", sample)) == fingerprint(parts["evaluation"])
+
+
+def test_every_document_is_in_one_part_and_the_evaluation_part_is_the_old_held_out_split():
+    from pydoc_data.topics import topics
+
+    parts = {part: builtin_texts("pydoc", part) for part in PARTS}
+    assert sorted(t for texts in parts.values() for t in texts) == sorted(topics.values())
+    assert parts["evaluation"] == [topics[k] for i, k in enumerate(sorted(topics)) if i % 5 == 2]
+    assert 0.35 < len(parts["training"]) / len(topics) < 0.45 and 0.35 < len(parts["calibration"]) / len(topics) < 0.45
 
 
 def test_source_code_is_sampled_evenly_as_heads_of_documents():

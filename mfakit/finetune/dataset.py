@@ -1,12 +1,14 @@
 """Training data for fine-tuning: text specs (as in evaluation) or text sampled from the teacher, packed into
 fixed-length sequences, and a deterministic order over them that every rank and every resumed run agrees on.
 
-A training source is any text spec of `mfakit.texts` (a built-in corpus reads its calibration part, never the
-held-out part) or `generate:N`: N tokens sampled from the teacher, for a user who has no corpus. Several text
-sources are mixed in equal shares of the run's sequences, as calibration mixes its texts.
+A training source is any text spec of `mfakit.texts` (a built-in corpus reads its training part, never the
+calibration or held-out part) or `generate:N`: N tokens sampled from the teacher, for a user who has no corpus.
+Several text sources are mixed in equal shares of the run's sequences, as calibration mixes its texts.
 """
 
 from __future__ import annotations
+
+import zlib
 
 import torch
 
@@ -29,7 +31,7 @@ def parse_training_source(spec: str, text_column: str = "text") -> TextSource | 
 
 def check_disjoint(train: list[TextSource | int], held_out: TextSource | None) -> None:
     """Refuse to train on the evaluation text. The built-in corpus is the exception: training reads its
-    calibration part and evaluation its held-out part, which share no text."""
+    training part and evaluation its held-out part, which share no text."""
     if held_out is None or held_out.kind == "builtin":
         return
     for source in train:
@@ -80,11 +82,11 @@ def sample_teacher(
 def training_sequences(
     sources: list[TextSource | int], tokenizer, teacher, seq_len: int, seed: int, wanted: int
 ) -> torch.Tensor:
-    """The training sequences, (n, seq_len): the text sources' calibration parts in equal shares of `wanted`
+    """The training sequences, (n, seq_len): the text sources' training parts in equal shares of `wanted`
     sequences (`mixed_windows`: each share spread evenly over its text, all of a shorter text's windows), then
     the sequences sampled from the teacher for each generate:N, in the order given."""
     texts = [s for s in sources if isinstance(s, TextSource)]
-    parts = [mixed_windows(tokenizer, texts, wanted, seq_len)[0]] if texts else []
+    parts = [mixed_windows(tokenizer, texts, wanted, seq_len, part="training")[0]] if texts else []
     for count in (s for s in sources if isinstance(s, int)):
         if teacher is None:
             raise TextSourceError("generate:N samples from the teacher; give a teacher")
@@ -103,3 +105,9 @@ def sequence_indices(position: int, count: int, n_sequences: int, seed: int) -> 
             perms[epoch] = torch.randperm(n_sequences, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
         out.append(perms[epoch][p % n_sequences])
     return out
+
+
+def sequences_fingerprint(sequences: torch.Tensor) -> str:
+    """A short checksum of the packed training sequences (their token ids), saved with a run's state: a resumed run
+    must read the very sequences it started on."""
+    return f"{zlib.crc32(sequences.to(torch.int64).contiguous().numpy().tobytes()):08x}"

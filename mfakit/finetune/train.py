@@ -33,10 +33,11 @@ from mfakit.finetune.dataset import (
     check_disjoint,
     parse_training_source,
     sequence_indices,
+    sequences_fingerprint,
     training_sequences,
 )
 from mfakit.finetune.sharding import as_number, full_weights, load_sharded, load_trainer_tensors, trainer_tensors
-from mfakit.loading import DTYPES, check_device, load_model, load_tokenizer, torch_dtype
+from mfakit.loading import DTYPES, check_device, load_model, load_tokenizer
 from mfakit.model.modeling_mfa import MFAAttention, MFAConfig
 from mfakit.outputs import FINETUNE_STAGING, check_output, clear_folder, locked, replace_file, written_by_mfakit
 from mfakit.scoring import stream_nll
@@ -70,19 +71,46 @@ RESUME_FIELDS = (
 
 # Peak learning rate unless told otherwise, by how far the conversion is from its source (its KV cache as a share
 # of the source's). From half the cache up, low: those conversions start close to the source, and on SmolLM2
-# MFA-KR 0.5 larger rates raised the KL in the first steps (docs/method.md). Below half, 2.5x higher: at MFA-KR
-# 0.25 on the development domains 98,304 tokens at 5e-5 closed more of the gap than at 2e-5, for the conversion
-# defaults of two versions (39% against 34%, then 34% against 31%).
+# MFA-KR 0.5 larger rates raised the KL in the first steps (docs/method.md). Below half, 5x higher: at MFA-KR 0.25
+# on the development domains, 5e-5 closed more of the gap than 2e-5 (98,304 tokens in float32: 39% against 34%,
+# then 34% against 31% for the next conversion defaults), and 1e-4 more than 5e-5 (147,456 tokens in bfloat16, the
+# same wall time on 2 CPU cores: 39% against 36%); 1e-4 was not measured in float32.
 LR = 2e-5
-LR_BELOW_HALF = 5e-5
-# Training text unless told otherwise: the built-in corpora in equal shares, as calibration reads them. On the
-# development domains, MFA-KR 0.25 after 98,304 tokens at 5e-5: 1.980x the source's perplexity against 2.009x
-# from the documentation topics alone (docs/benchmarks.md).
+LR_BELOW_HALF = 1e-4
+# Training text unless told otherwise: the built-in corpora in equal shares, their training parts (no text the
+# conversion calibrated on). On the development domains, MFA-KR 0.25 after 98,304 tokens at 5e-5: 1.980x the
+# source's perplexity against 2.009x from the documentation topics alone (docs/benchmarks.md).
 DATA = DEFAULT_CALIBRATION
+# The teacher's dtype and the student's autocast unless told otherwise: bfloat16 where the device multiplies it in
+# hardware (`native_bfloat16`), float32 elsewhere. On this project's development CPU (AVX512-BF16, 2 threads) KD
+# fine-tuning ran 1.46x the tokens/s of float32 and, for the same wall time, closed more of the gap on the
+# development domains (36% against 32% at MFA-KR 0.25, docs/benchmarks.md).
+AUTO_DTYPE = "auto"
+DTYPE_CHOICES = (AUTO_DTYPE, *DTYPES)
 
 
 class FinetuneError(MfakitError):
     """Settings a fine-tuning run cannot start with."""
+
+
+def native_bfloat16(device: str) -> bool:
+    """Whether `device` multiplies bfloat16 matrices in hardware: a CUDA device that supports it, or a CPU with
+    AVX512-BF16 or AMX. Elsewhere bfloat16 is emulated, and slower than float32."""
+    kind = torch.device(device).type
+    if kind == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if kind != "cpu":
+        return False
+    checks = (getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    return any(check is not None and check() for check in checks)
+
+
+def resolve_dtype(dtype: str, device: str) -> str:
+    """The dtype a run computes in: `dtype`, or for AUTO_DTYPE bfloat16 where `device` has it in hardware
+    (`native_bfloat16`), else float32."""
+    if dtype != AUTO_DTYPE:
+        return dtype
+    return "bfloat16" if native_bfloat16(device) else "float32"
 
 
 def default_lr(share: float) -> float:
@@ -123,7 +151,7 @@ class FinetuneOptions:
     resume: bool = False
     overwrite: bool = False
     device: str = "cpu"
-    dtype: str = "float32"
+    dtype: str = "auto"
     gradient_checkpointing: bool = False
     seed: int = 0
     parallel: str = "ddp"
@@ -143,7 +171,8 @@ class FinetuneOptions:
                 raise OptionsError(f"{name} must be at least 1, got {getattr(self, name)}")
         if (self.tokens or self.steps or 0) < 1 or not (self.lr is None or self.lr > 0) or not self.kd_temperature > 0:
             raise OptionsError("tokens/steps, lr and kd_temperature must be positive")
-        torch_dtype(self.dtype)
+        if self.dtype not in DTYPE_CHOICES:
+            raise OptionsError(f"dtype must be one of {', '.join(DTYPE_CHOICES)}, got {self.dtype!r}")
         check_device(self.device)
 
 
@@ -320,6 +349,10 @@ def finetune(model_path: str | Path, out: str | Path, options: FinetuneOptions) 
     check_disjoint(sources, held_out)
     _check_finetune_output(model_path, out, options, sources, held_out)
     with _distributed(options.device) as (rank, world, device), _run_folder(out, options, rank):
+        if options.dtype == AUTO_DTYPE:
+            options = replace(options, dtype=resolve_dtype(options.dtype, device))
+            if rank == 0:
+                logger.info(f"--dtype auto: computing in {options.dtype} on {device}")
         run = _start_run(model_path, out, options, sources, held_out, rank, world, device)
         try:
             start = time.time()
@@ -465,6 +498,12 @@ def _restore(run: RunState) -> None:
         raise FinetuneError(f"cannot resume with changed settings: {', '.join(changed)}")
     if state["world_size"] != run.world:
         raise FinetuneError(f"the run was started on {state['world_size']} processes, not {run.world}")
+    data = sequences_fingerprint(run.sequences)
+    if state.get("data", data) != data:  # a state written before the checksum existed cannot be checked
+        raise FinetuneError(
+            "cannot resume: the training sequences differ from the run's (its text changed, or the run was started "
+            "by a version of mfakit that read other text)"
+        )
     if run.sharded:
         load_trainer_tensors(run.model, run.optimizer, state["trainable"], state["optimizer"])
     else:
@@ -578,6 +617,7 @@ def _save_state(run: RunState, step: int) -> None:
             "world_size": run.world,
             "options": asdict(run.options),
             "eval_ppl_before": run.ppl_before,
+            "data": sequences_fingerprint(run.sequences),
         }
         replace_file(run.state_file, lambda tmp: torch.save(state, tmp))
     if run.world > 1:
