@@ -44,8 +44,9 @@ def source_throughput(source: Path, args: argparse.Namespace) -> float:
         p.requires_grad_(name.endswith(ATTENTION_WEIGHTS))
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-6)
-    ids = tokenize(load_tokenizer(source), load_texts(TextSource("builtin", "pydoc")))
+    ids = tokenize(load_tokenizer(source), load_texts(TextSource("builtin", "pydoc"), part="training"))
     n = args.batch_size * args.seq_len
+    ids = ids.repeat(-(-(args.throughput_steps + 1) * n // ids.numel()))  # large batches read the text again
     autocast = torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
     start = None
     for step in range(args.throughput_steps + 1):

@@ -251,6 +251,8 @@ def test_changed_settings_refuse_to_resume(student, tmp_path):
         finetune(student, tmp_path / "ft", replace(config, lr=1e-3, resume=True))
     with pytest.raises(ValueError, match="changed settings: parallel"):
         finetune(student, tmp_path / "ft", replace(config, parallel="fsdp", resume=True))
+    with pytest.raises(ValueError, match="changed settings: dtype"):
+        finetune(student, tmp_path / "ft", replace(config, dtype="bfloat16", resume=True))
     with pytest.raises(OptionsError, match="parallel must be one of ddp, fsdp"):
         replace(config, parallel="zero")
     # A state written before `parallel` existed ran with its default, and resumes.
@@ -259,6 +261,11 @@ def test_changed_settings_refuse_to_resume(student, tmp_path):
     del state["options"]["parallel"]
     torch.save(state, state_file)
     assert finetune(student, tmp_path / "ft", replace(config, resume=True)).steps == 3
+    # One written before the training sequences' checksum read other documents of the built-in corpora.
+    del state["data"]
+    torch.save(state, state_file)
+    with pytest.raises(ValueError, match="earlier mfakit"):
+        finetune(student, tmp_path / "ft", replace(config, resume=True))
 
 
 def test_resuming_on_other_training_text_is_refused(student, tmp_path):
@@ -275,6 +282,11 @@ def test_resuming_on_other_training_text_is_refused(student, tmp_path):
         finetune(student, tmp_path / "ft", replace(config, resume=True))
     assert state_file.read_bytes() == saved
     text.write_text(Path(json.__file__).read_text())
+    assert finetune(student, tmp_path / "ft", replace(config, resume=True)).steps == 3
+    # A file's text in a state written before the checksum existed cannot be checked, and resumes.
+    state = torch.load(state_file, weights_only=True)
+    del state["data"]
+    torch.save(state, state_file)
     assert finetune(student, tmp_path / "ft", replace(config, resume=True)).steps == 3
 
 
@@ -347,6 +359,36 @@ def test_two_processes_under_torchrun_equal_one_with_twice_the_batch(student, on
     assert all(torch.allclose(one[k], two_weights[k], atol=1e-5) for k in one)
     config = json.loads((two / "config.json").read_text())
     assert config["conversion"]["finetune"]["world_size"] == 2
+
+
+# Runs mfakit under torchrun with rank 1 on hardware that has no native bfloat16 (rank 0's has).
+DIFFERENT_HARDWARE = """
+import os, sys
+from mfakit.cli import main
+from mfakit.finetune import train
+train.native_bfloat16 = lambda device: os.environ["RANK"] == "0"
+real_start = train._start_run
+def start(model_path, out, options, *args, **kwargs):
+    print("rank", os.environ["RANK"], "computes in", options.dtype, flush=True)
+    return real_start(model_path, out, options, *args, **kwargs)
+train._start_run = start
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_ranks_compute_in_the_dtype_rank_0_resolves(student, tmp_path):
+    """--dtype auto is resolved once, by rank 0, for every rank: ranks whose hardware differs still load and
+    autocast alike (sharded, a teacher in two dtypes would break the collectives)."""
+    out, script = tmp_path / "auto", tmp_path / "hardware.py"
+    script.write_text(DIFFERENT_HARDWARE)
+    args = ["finetune", str(student), str(out), "--batch-size", "2", "--steps", "1", "--seq-len", "32", "--quiet"]
+    result = torchrun(*args, "--dtype", "auto", "--eval-text", "none", "--parallel", "fsdp", script=(str(script),))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(line for line in result.stdout.splitlines() if "computes in" in line) == [
+        "rank 0 computes in bfloat16",
+        "rank 1 computes in bfloat16",
+    ], result.stdout
+    assert json.loads((out / "config.json").read_text())["conversion"]["finetune"]["dtype"] == "bfloat16"
 
 
 def test_fsdp_under_torchrun_equals_one_process_with_twice_the_batch(student, tmp_path):

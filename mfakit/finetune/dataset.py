@@ -110,4 +110,4 @@ def sequence_indices(position: int, count: int, n_sequences: int, seed: int) -> 
 def sequences_fingerprint(sequences: torch.Tensor) -> str:
     """A short checksum of the packed training sequences (their token ids), saved with a run's state: a resumed run
     must read the very sequences it started on."""
-    return f"{zlib.crc32(sequences.to(torch.int64).contiguous().numpy().tobytes()):08x}"
+    return f"{zlib.crc32(memoryview(sequences.to(torch.int64).contiguous().numpy())):08x}"

@@ -66,6 +66,7 @@ RESUME_FIELDS = (
     "kd_temperature",
     "seed",
     "parallel",
+    "dtype",
 )
 
 
@@ -98,9 +99,12 @@ def native_bfloat16(device: str) -> bool:
     AVX512-BF16 or AMX. Elsewhere bfloat16 is emulated, and slower than float32."""
     kind = torch.device(device).type
     if kind == "cuda":
-        return torch.cuda.is_bf16_supported()
+        with torch.cuda.device(torch.device(device)):
+            return torch.cuda.is_bf16_supported(including_emulation=False)
     if kind != "cpu":
         return False
+    # torch has no public check; these private ones (torch >= 2.1) read the CPU's feature flags, and a torch
+    # without them gets float32.
     checks = (getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
     return any(check is not None and check() for check in checks)
 
@@ -291,6 +295,7 @@ class RunState:
     log: TextIO | None = None
     start_step: int = 0
     ppl_before: float | None = None
+    data: str = ""  # the checksum of `sequences` (`sequences_fingerprint`), saved with the state
 
     @property
     def per_step(self) -> int:
@@ -350,7 +355,11 @@ def finetune(model_path: str | Path, out: str | Path, options: FinetuneOptions) 
     _check_finetune_output(model_path, out, options, sources, held_out)
     with _distributed(options.device) as (rank, world, device), _run_folder(out, options, rank):
         if options.dtype == AUTO_DTYPE:
-            options = replace(options, dtype=resolve_dtype(options.dtype, device))
+            # Rank 0's answer for every rank: ranks on other hardware must still compute (and shard) alike.
+            resolved = [resolve_dtype(options.dtype, device)]
+            if world > 1:
+                dist.broadcast_object_list(resolved, src=0)
+            options = replace(options, dtype=resolved[0])
             if rank == 0:
                 logger.info(f"--dtype auto: computing in {options.dtype} on {device}")
         run = _start_run(model_path, out, options, sources, held_out, rank, world, device)
@@ -432,8 +441,9 @@ def _start_run(
     optimizer = torch.optim.AdamW(params, lr=options.lr, weight_decay=options.weight_decay, betas=(0.9, 0.95))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, steps))
     run = RunState(options, out, model, teacher, optimizer, scheduler, sequences, steps, rank, world, device)
+    run.data = sequences_fingerprint(sequences)
     if options.resume:
-        _restore(run)
+        _restore(run, any(isinstance(s, TextSource) and s.kind == "builtin" for s in sources))
     if options.gradient_checkpointing:
         model.activation_checkpointing_enable()
     model.train()
@@ -481,9 +491,10 @@ def _load_models(
     return model, teacher
 
 
-def _restore(run: RunState) -> None:
-    """Continue from the saved state: weights, optimiser, schedule, step and this rank's random state. The file
-    holds tensors and plain values only, and is read as such (no code in it can run)."""
+def _restore(run: RunState, reads_builtin: bool) -> None:
+    """Continue from the saved state: weights, optimiser, schedule, step and this rank's random state, if its
+    settings and training sequences are the run's (`reads_builtin`: some of its text is a built-in corpus). The
+    file holds tensors and plain values only, and is read as such (no code in it can run)."""
     try:
         state = torch.load(run.state_file, map_location="cpu", weights_only=True)
         state["options"], state["world_size"], state["rng"]
@@ -498,8 +509,14 @@ def _restore(run: RunState) -> None:
         raise FinetuneError(f"cannot resume with changed settings: {', '.join(changed)}")
     if state["world_size"] != run.world:
         raise FinetuneError(f"the run was started on {state['world_size']} processes, not {run.world}")
-    data = sequences_fingerprint(run.sequences)
-    if state.get("data", data) != data:  # a state written before the checksum existed cannot be checked
+    # A state written before the checksum existed: built-in text was then read from other documents; other text
+    # cannot be checked.
+    if "data" not in state and reads_builtin:
+        raise FinetuneError(
+            "cannot resume: the run was started by an earlier mfakit, which read other documents of the built-in "
+            "corpora; start it over"
+        )
+    if state.get("data", run.data) != run.data:
         raise FinetuneError(
             "cannot resume: the training sequences differ from the run's (its text changed, or the run was started "
             "by a version of mfakit that read other text)"
@@ -617,7 +634,7 @@ def _save_state(run: RunState, step: int) -> None:
             "world_size": run.world,
             "options": asdict(run.options),
             "eval_ppl_before": run.ppl_before,
-            "data": sequences_fingerprint(run.sequences),
+            "data": run.data,
         }
         replace_file(run.state_file, lambda tmp: torch.save(state, tmp))
     if run.world > 1:
