@@ -6,7 +6,8 @@ step on the source model itself (plain PyTorch: its attention trained against a 
 
     python scripts/bench_finetune.py --out bench-out/finetune                      # CPU: about 15 minutes a ratio
     python scripts/bench_finetune.py --ratios 0.25 --data generate:98304 --sets development   # other training data
-    python scripts/bench_finetune.py --device cuda --tokens 20000000 --batch-size 16 --seq-len 1024 --eval-dtype bfloat16
+    python scripts/bench_finetune.py --device cuda --tokens 20000000 --batch-size 16 --seq-len 1024 \
+        --eval-dtype bfloat16
 
 Writes finetune.md and finetune.json into --out.
 """
@@ -84,7 +85,8 @@ def main() -> None:
     parser.add_argument(
         "--tokens",
         type=int,
-        help="training tokens per ratio (default: about 15 minutes on 2 CPU cores, 147,456 in bfloat16, 98,304 in float32)",
+        help="training tokens per ratio (default: about 15 minutes on 2 CPU cores: 147,456 in bfloat16, 98,304 in "
+        "float32)",
     )
     parser.add_argument("--data", nargs="+", default=defaults.data)
     parser.add_argument("--seq-len", type=int, default=256)

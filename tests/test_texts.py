@@ -1,5 +1,5 @@
-"""The built-in corpora that ship with Python: calibration, training and evaluation parts share no document, large corpora
-give evenly spread samples of about the size asked for, and every reading is the same text."""
+"""The built-in corpora that ship with Python: calibration, training and evaluation parts share no document, large
+corpora give evenly spread samples of about the size asked for, and every reading is the same text."""
 
 from __future__ import annotations
 
