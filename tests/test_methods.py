@@ -17,6 +17,7 @@ from mfakit.cli import main
 from mfakit.convert import factorize as fz
 from mfakit.convert import plan as plan_module
 from mfakit.convert import readout as ro
+from mfakit.convert import recipe
 from mfakit.convert import recipe as recipe_module
 from mfakit.convert.plan import ConversionMethod
 from mfakit.errors import OptionsError
@@ -107,6 +108,41 @@ def test_refit_from_samples_equals_refit_from_statistics(tokens, n):
     assert ridge == expected
     assert torch.allclose(layer.wo, from_stats.wo, rtol=1e-4, atol=1e-5)
     assert not torch.allclose(layer.wo, before)
+
+
+@pytest.mark.parametrize("written", [torch.bfloat16, torch.float16])
+def test_readout_update_in_float32_for_a_half_precision_readout(written):
+    """A readout written in bf16 or fp16 is updated in float32 where the measured error allows, within a small
+    fraction of the written dtype's rounding of the float64 update; a float32 readout keeps float64, bit for bit."""
+    gen = torch.Generator().manual_seed(7)
+    prior = torch.randn(8, 40, generator=gen, dtype=torch.float64).float().double()
+    samples, _ = samples_and_stats(24, 40, 4, prior, gen)
+    chosen = []
+    real = ro.update_dtype
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ro, "update_dtype", lambda *args: chosen.append(real(*args)) or chosen[-1])
+        exact, fast, kept = (layer_with_readout(prior.float(), heads=2) for _ in range(3))
+        ro.refit_from_samples_(exact, samples)
+        ro.refit_from_samples_(fast, samples, written)
+        ro.refit_from_samples_(kept, samples, torch.float32)
+    assert chosen == [torch.float64, torch.float32, torch.float64]
+    assert torch.equal(kept.wo, exact.wo)
+    scale = exact.wo.abs().max()
+    assert (fast.wo - exact.wo).abs().max() <= torch.finfo(written).eps / ro.FLOAT32_UPDATE_MARGIN * scale
+
+
+def test_readout_update_keeps_float64_where_float32_cancels():
+    """Coefficients large along a direction that U hardly has (a kernel's weak direction under a small ridge): their
+    product cancels, float32's error exceeds the bound, and the update is computed in float64."""
+    gen = torch.Generator().manual_seed(3)
+    basis, _ = torch.linalg.qr(torch.randn(32, 32, generator=gen, dtype=torch.float64))
+    u = (basis * torch.logspace(0, -6, 32, dtype=torch.float64)) @ torch.randn(
+        32, 64, generator=gen, dtype=torch.float64
+    )
+    coefficients = basis[:, -1:] * 1e6 @ torch.randn(1, 8, generator=gen, dtype=torch.float64)
+    wo = torch.randn(8, 64, generator=gen)
+    assert ro.update_dtype(coefficients, u.float(), wo, torch.bfloat16) == torch.float64
+    assert ro.update_dtype(coefficients * 1e-6, u.float(), wo, torch.bfloat16) == torch.float32
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -338,6 +374,32 @@ def test_balance_keeps_the_function_and_gives_unit_latent_scale(variant):
     assert torch.allclose((ms[:half] + ms[half:]) / 2, torch.ones(half, dtype=torch.float64))
     if out.wv is not None:
         assert torch.allclose(((out.wv @ sigma) * out.wv).sum(1), torch.ones(out.v_dim, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("variant", ["mfa", "mfa-kr"])
+def test_readout_factors_stay_the_output_projection_through_balancing(variant):
+    """A compressed layer's readout factors multiply to its output projection, before and after `balance_`, and the
+    refit's `FactoredReadout` computes what the dense projection (with its bias) computes, in the input's dtype."""
+    src = synthetic_source()
+    gen = torch.Generator().manual_seed(2)
+    a = torch.randn(9, 9, generator=gen, dtype=torch.float64)
+    sigma = a @ a.T
+    layer = fz.compress_mfa(src, sigma, 4, 4) if variant == "mfa" else fz.compress_mfa_kr(src, sigma, 8, 6)
+
+    def product(m: fz.MFALayer) -> torch.Tensor:
+        return torch.einsum("dhv,hvn->dhn", *m.readout_factors)
+
+    assert torch.allclose(product(layer), layer.wo, rtol=1e-5, atol=1e-6)
+    fz.balance_(layer, sigma)
+    assert torch.allclose(product(layer), layer.wo, rtol=1e-5, atol=1e-6)
+    d, h, n = layer.wo.shape
+    dense = torch.nn.Linear(h * n, d)
+    dense.weight.data = layer.wo.reshape(d, h * n)
+    u = torch.randn(2, 3, h * n, generator=gen, dtype=torch.float64)
+    factored = recipe.FactoredReadout(dense, layer.readout_factors)(u)
+    assert factored.dtype == torch.float64
+    expected = dense.double()(u)
+    assert (factored - expected).norm() <= 1e-6 * expected.norm()
 
 
 def test_refit_over_its_memory_limit_is_skipped(tiny, tmp_path, capsys):

@@ -16,8 +16,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file, save_file
 
+from mfakit import checkpoint
 from mfakit.cli import main
 from mfakit.outputs import locked, partial_folder
 from tests.conftest import build_tiny, one_error_line
@@ -308,3 +310,21 @@ def test_a_fine_tune_killed_before_its_first_save_starts_over(src, tmp_path):
     assert (out / "config.json").exists()
     log = [json.loads(line) for line in (out / "finetune-log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1]
+
+
+@pytest.mark.parametrize(
+    "dtype",
+    [torch.bfloat16, torch.float16, torch.float32, torch.float64, torch.float8_e4m3fn, torch.float8_e5m2],
+)
+def test_the_finiteness_check_finds_every_nan_and_infinity(dtype, monkeypatch):
+    """`all_finite`, which every tensor read or written passes, finds a NaN or an infinity wherever it is: the
+    first, a middle and the last value, across blocks; finite and empty tensors pass."""
+    monkeypatch.setattr(checkpoint, "COPY_CHUNK", 64)  # several blocks of rows
+    clean = torch.randn(40, 10, generator=torch.Generator().manual_seed(0)).to(dtype)
+    assert checkpoint.all_finite(clean) and checkpoint.all_finite(clean[:0])
+    has_infinity = dtype != torch.float8_e4m3fn  # "fn": finite, an infinity saturates to 448 there
+    for bad in (float("nan"), float("inf"), float("-inf"))[: 3 if has_infinity else 1]:
+        for where in ((0, 0), (17, 3), (39, 9)):
+            dirty = clean.clone()
+            dirty[where] = bad
+            assert not checkpoint.all_finite(dirty), (bad, where)

@@ -21,7 +21,7 @@ from transformers.core_model_loading import convert_and_load_state_dict_in_model
 from transformers.modeling_utils import LoadStateDictConfig
 from transformers.utils import logging as hf_logging
 
-from mfakit.checkpoint import CheckpointError, LazyCheckpoint
+from mfakit.checkpoint import CheckpointError, LazyCheckpoint, all_finite
 from mfakit.convert.readout import ReadoutSamples, ReadoutStats, add_gram_, mirror_gram_
 from mfakit.texts import mixed_windows, parse_text_spec
 
@@ -89,7 +89,7 @@ def load_module(
     if missing:
         raise CheckpointError(f"{ckpt.folder}: tensor {prefix}{missing[0]} is missing")
     for name, tensor in module.state_dict().items():
-        if not tensor.is_meta and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        if not tensor.is_meta and tensor.is_floating_point() and not all_finite(tensor):
             raise CheckpointError(f"{ckpt.folder}: tensor {prefix}{name} holds NaN or infinite values")
     _rebuild_meta_buffers(module, skeleton._init_weights)
     return module

@@ -116,7 +116,9 @@ class MFALayer:
 
     wq: (h, C, d1) per-head query rows; wk: (C, d1) key latent rows; wv: (v_dim, d1) value rows (MFA) or None
     (MFA-KR: the value is the pre-RoPE key latent); wo: (d, h, v_dim) output projection reading the value (MFA-KR:
-    the latent); bo: (d,) or None; rope_freqs: (C/2,); scale: softmax scale.
+    the latent); bo: (d,) or None; rope_freqs: (C/2,); scale: softmax scale. readout_factors: (W_O (d, h, dv),
+    R (h, dv, v_dim)) with wo[:, i] = W_O[:, i] R[i], while the output projection is the factorization's product of
+    the source's with the values' reconstruction (the refit's residual is cheaper from them); None otherwise.
     """
 
     wq: Tensor
@@ -126,6 +128,7 @@ class MFALayer:
     bo: Tensor | None
     rope_freqs: Tensor
     scale: float
+    readout_factors: tuple[Tensor, Tensor] | None = None
 
     @property
     def kv_dim(self) -> int:
@@ -461,22 +464,24 @@ def value_rows(src: SourceAttention, sigma: Tensor, n: int, basis: Tensor | None
 def ls_readout(target: Tensor, enc: Tensor, sigma: Tensor, ridge: float = 1e-9) -> Tensor:
     """Least-squares reconstruction R (m, n) of the variables target . x~ (rows (m, d1)) from the channels
     enc . x~ (rows (n, d1)): R = T Sigma E^T (E Sigma E^T)^{-1}, with a tiny relative ridge for rank-deficient E."""
-    gram = enc @ sigma @ enc.T
+    enc_sigma = enc @ sigma  # once for both products: it is the costly one (n x d1 x d1)
+    gram = enc_sigma @ enc.T
     eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
     gram = gram + ridge * gram.diagonal().mean().clamp_min(1e-30) * eye
-    return torch.linalg.solve(gram, enc @ sigma @ target.T).T
+    return torch.linalg.solve(gram, enc_sigma @ target.T).T
 
 
-def value_readout(src: SourceAttention, latent_rows: Tensor, sigma: Tensor) -> Tensor:
+def value_readout(src: SourceAttention, latent_rows: Tensor, sigma: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor]]:
     """Output projection (d, h, n) reading the values from latent channels latent_rows (n, d1): O'_i = W_O^i R_{j(i)}
-    with R the least-squares reconstruction of head j(i)'s values."""
+    with R the least-squares reconstruction of head j(i)'s values; and its factors (W_O (d, h, dv), R per head
+    (h, dv, n))."""
     g, dv = src.num_kv_heads, src.wv.shape[1]
     R = ls_readout(src.wv.reshape(g * dv, -1), latent_rows, sigma).reshape(g, dv, -1).to(PER_HEAD_DTYPE)
     # Head by head into one contiguous (d, h, n) tensor: the refit later updates it in place as a (d, h n) matrix.
     wo = R.new_empty(src.wo.shape[0], src.num_heads, R.shape[2])
     for i, j in enumerate(src.group.tolist()):
         torch.mm(src.wo[:, i].to(PER_HEAD_DTYPE), R[j], out=wo[:, i])
-    return wo
+    return wo, (src.wo.to(PER_HEAD_DTYPE), R[src.group])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -488,8 +493,8 @@ def compress_mfa(src: SourceAttention, sigma: Tensor, kv_dim: int, v_dim: int) -
     groups = key_spectrum(src, sigma)
     wk, wq, freqs = place_channels(key_latent(src, groups, choose_components(groups, kv_dim)), kv_dim)
     wv = value_rows(src, sigma, v_dim)
-    wo = value_readout(src, wv, sigma)
-    return MFALayer(wq=wq, wk=wk, wv=wv, wo=wo, bo=src.bo, rope_freqs=freqs, scale=src.scale)
+    wo, factors = value_readout(src, wv, sigma)
+    return MFALayer(wq=wq, wk=wk, wv=wv, wo=wo, bo=src.bo, rope_freqs=freqs, scale=src.scale, readout_factors=factors)
 
 
 def compress_mfa_kr(src: SourceAttention, sigma: Tensor, kv_dim: int, key_channels: int) -> MFALayer:
@@ -502,8 +507,8 @@ def compress_mfa_kr(src: SourceAttention, sigma: Tensor, kv_dim: int, key_channe
     values = value_rows(src, sigma, n_values, basis=key_real_rows)
     wk, wq, freqs = place_channels(with_value_channels(keys, values), kv_dim)
     del keys  # its per-head query rows, as large as wq, are laid out in wq now
-    wo = value_readout(src, wk, sigma)
-    return MFALayer(wq=wq, wk=wk, wv=None, wo=wo, bo=src.bo, rope_freqs=freqs, scale=src.scale)
+    wo, factors = value_readout(src, wk, sigma)
+    return MFALayer(wq=wq, wk=wk, wv=None, wo=wo, bo=src.bo, rope_freqs=freqs, scale=src.scale, readout_factors=factors)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -569,12 +574,12 @@ def balance_(layer: MFALayer, sigma: Tensor) -> None:
     s = unit_scales(layer.wk, paired=True)
     layer.wk.mul_(s[:, None])
     layer.wq.div_(s.to(layer.wq.dtype)[None, :, None])
-    if layer.wv is None:
-        layer.wo.div_(s.to(layer.wo.dtype)[None, None, :])
-    else:
-        sv = unit_scales(layer.wv, paired=False)
-        layer.wv.mul_(sv[:, None])
-        layer.wo.div_(sv.to(layer.wo.dtype)[None, None, :])
+    if layer.wv is not None:
+        s = unit_scales(layer.wv, paired=False)
+        layer.wv.mul_(s[:, None])
+    layer.wo.div_(s.to(layer.wo.dtype)[None, None, :])
+    if layer.readout_factors is not None:
+        layer.readout_factors[1].div_(s.to(layer.wo.dtype)[None, None, :])
 
 
 def round_inputs_(layer: MFALayer, dtype: torch.dtype) -> None:

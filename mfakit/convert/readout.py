@@ -173,14 +173,34 @@ def refit_from_statistics(layer: MFALayer, folds: list[ReadoutStats]) -> tuple[M
     prior = layer.wo.reshape(d, h * v).to(folds[0].gram.dtype)
     ridge = choose_ridge(folds, prior)
     wo = _ridge_readout(sum(folds[1:], start=folds[0]), prior, ridge)
-    return replace(layer, wo=wo.reshape(d, h, v).to(layer.wo.dtype)), ridge
+    return replace(layer, wo=wo.reshape(d, h, v).to(layer.wo.dtype), readout_factors=None), ridge
 
 
-def refit_from_samples_(layer: MFALayer, samples: ReadoutSamples) -> float:
+UPDATE_CHECK_COLUMNS = 256  # columns of the readout update computed in both float64 and float32 to measure the error
+FLOAT32_UPDATE_MARGIN = 64  # float32's measured error must be this many times below the written dtype's rounding
+
+
+def update_dtype(coefficients: Tensor, u: Tensor, wo: Tensor, written: torch.dtype) -> torch.dtype:
+    """The dtype in which to compute the readout update A^T U (A (N, d) `coefficients`, U (N, n), W (d, n) the
+    readout before it): float32 where its error, measured on UPDATE_CHECK_COLUMNS evenly spaced columns S computed
+    both ways, is negligible next to the rounding of the readout as written,
+        ||(A^T U_S)_32 - (A^T U_S)_64|| <= eps(written) / FLOAT32_UPDATE_MARGIN * ||W_S + (A^T U_S)_64||
+    for every column; float64 otherwise. A is large along the kernel's weak directions and its product with U cancels
+    there, so float32 can fail at small ridges; a float32 readout (eps 1.2e-7) always takes float64."""
+    columns = torch.linspace(0, u.shape[1] - 1, min(UPDATE_CHECK_COLUMNS, u.shape[1]), device=u.device).long()
+    sample = u[:, columns]
+    exact = coefficients.T @ sample.to(torch.float64)
+    error = (coefficients.T.float() @ sample.float()).double() - exact
+    after = (wo[:, columns].to(torch.float64) + exact).norm(dim=0)
+    bound = torch.finfo(written).eps / FLOAT32_UPDATE_MARGIN * after
+    return torch.float32 if bool((error.norm(dim=0) <= bound).all()) else torch.float64
+
+
+def refit_from_samples_(layer: MFALayer, samples: ReadoutSamples, written: torch.dtype = torch.float64) -> float:
     """`refit_from_statistics` from the samples themselves, in kernel form (same minimiser, same ridge rule), for
     layers whose (n, n) statistics would not fit in memory; the layer's output projection is updated in place,
-    W += A^T U a block of features at a time (at 70B scale a second (d, n) copy would be gigabytes). Returns the
-    ridge."""
+    W += A^T U a block of features at a time (at 70B scale a second (d, n) copy would be gigabytes), in the dtype of
+    `update_dtype` for a readout written in `written`. Returns the ridge."""
     d, h, v = layer.wo.shape
     kernel = sample_kernel(samples.u)
     ridge = choose_ridge_dual(kernel, samples.residual, samples.fold, h * v)
@@ -188,9 +208,11 @@ def refit_from_samples_(layer: MFALayer, samples: ReadoutSamples) -> float:
     if not layer.wo.is_contiguous():
         layer.wo = layer.wo.contiguous()
     wo = layer.wo.view(d, h * v)
+    dtype = update_dtype(update, samples.u, wo, written)
+    coefficients = update.T.to(dtype)
     for start, block in zip(range(0, h * v, KERNEL_BLOCK), samples.u.split(KERNEL_BLOCK, dim=1), strict=True):
-        # In float64: A is large along the kernel's weak directions, and its product with U cancels there.
-        wo[:, start : start + block.shape[1]] += (update.T @ block.to(torch.float64)).to(wo.dtype)
+        wo[:, start : start + block.shape[1]] += (coefficients @ block.to(dtype)).to(wo.dtype)
+    layer.readout_factors = None  # no longer the output projection's factors
     return ridge
 
 
