@@ -379,7 +379,8 @@ def test_balance_keeps_the_function_and_gives_unit_latent_scale(variant):
 @pytest.mark.parametrize("variant", ["mfa", "mfa-kr"])
 def test_readout_factors_stay_the_output_projection_through_balancing(variant):
     """A compressed layer's readout factors multiply to its output projection, before and after `balance_`, and the
-    refit's `FactoredReadout` computes what the dense projection (with its bias) computes, in the input's dtype."""
+    refit's `FactoredReadout` computes what the dense projection (with its bias) computes, in the input's dtype;
+    for a bf16 input, the exact product rounded once (nothing rounded to bf16 between the factors)."""
     src = synthetic_source()
     gen = torch.Generator().manual_seed(2)
     a = torch.randn(9, 9, generator=gen, dtype=torch.float64)
@@ -400,6 +401,11 @@ def test_readout_factors_stay_the_output_projection_through_balancing(variant):
     assert factored.dtype == torch.float64
     expected = dense.double()(u)
     assert (factored - expected).norm() <= 1e-6 * expected.norm()
+    half = recipe.FactoredReadout(dense, layer.readout_factors)(u.bfloat16())
+    assert half.dtype == torch.bfloat16
+    exact = dense(u.bfloat16().double())
+    rounding = torch.finfo(torch.bfloat16).eps / 2 * exact.abs() + 1e-6 * exact.abs().max()
+    assert ((half.double() - exact).abs() <= rounding).all()
 
 
 def test_refit_over_its_memory_limit_is_skipped(tiny, tmp_path, capsys):

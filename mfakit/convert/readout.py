@@ -186,7 +186,10 @@ def update_dtype(coefficients: Tensor, u: Tensor, wo: Tensor, written: torch.dty
     both ways, is negligible next to the rounding of the readout as written,
         ||(A^T U_S)_32 - (A^T U_S)_64|| <= eps(written) / FLOAT32_UPDATE_MARGIN * ||W_S + (A^T U_S)_64||
     for every column; float64 otherwise. A is large along the kernel's weak directions and its product with U cancels
-    there, so float32 can fail at small ridges; a float32 readout (eps 1.2e-7) always takes float64."""
+    there, so float32 can fail at small ridges; a readout written in 32 bits or more always takes float64 (its own
+    rounding leaves float32 no margin)."""
+    if torch.finfo(written).bits >= 32:
+        return torch.float64
     columns = torch.linspace(0, u.shape[1] - 1, min(UPDATE_CHECK_COLUMNS, u.shape[1]), device=u.device).long()
     sample = u[:, columns]
     exact = coefficients.T @ sample.to(torch.float64)

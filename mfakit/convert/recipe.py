@@ -399,6 +399,7 @@ def refit_output(
         if way.sequences < sequences:
             return mfa, None
         return mfa, [u.view(*xb.shape[:-1], -1) for u, xb in zip(samples.u.split(tokens_per_batch(x)), x, strict=True)]
+    mfa.readout_factors = None  # only the samples path reads them (at 70B W_O alone is 268 MB)
     return refit_from_statistics(mfa, readout_statistics(module, x, target, layer_args, src.bo, way.folds))[0], None
 
 
@@ -414,10 +415,14 @@ class FactoredReadout(torch.nn.Module):
         self.heads_out, self.per_head = factors
 
     def forward(self, u: torch.Tensor) -> torch.Tensor:
-        per_head = self.per_head.to(u.dtype)
-        values = torch.einsum("...hn,hvn->...hv", u.unflatten(-1, (per_head.shape[0], -1)), per_head)
-        bias = None if self.bias is None else self.bias.to(u.dtype)
-        return torch.nn.functional.linear(values.flatten(-2), self.heads_out.flatten(1).to(u.dtype), bias)
+        # At least float32 inside: rounding the per-head values to bf16 between the two factors would make the
+        # residual noisier than the dense bf16 product it stands for; the result is rounded once, as that one is.
+        dtype = torch.promote_types(u.dtype, torch.float32)
+        per_head = self.per_head.to(dtype)
+        values = torch.einsum("...hn,hvn->...hv", u.to(dtype).unflatten(-1, (per_head.shape[0], -1)), per_head)
+        bias = None if self.bias is None else self.bias.to(dtype)
+        out = torch.nn.functional.linear(values.flatten(-2), self.heads_out.flatten(1).to(dtype), bias)
+        return out.to(u.dtype)
 
 
 class ReplayedAttention(torch.nn.Module):
