@@ -17,7 +17,6 @@ from mfakit.cli import main
 from mfakit.convert import factorize as fz
 from mfakit.convert import plan as plan_module
 from mfakit.convert import readout as ro
-from mfakit.convert import recipe
 from mfakit.convert import recipe as recipe_module
 from mfakit.convert.plan import ConversionMethod
 from mfakit.errors import OptionsError
@@ -397,11 +396,12 @@ def test_readout_factors_stay_the_output_projection_through_balancing(variant):
     dense = torch.nn.Linear(h * n, d)
     dense.weight.data = layer.wo.reshape(d, h * n)
     u = torch.randn(2, 3, h * n, generator=gen, dtype=torch.float64)
-    factored = recipe.FactoredReadout(dense, layer.readout_factors)(u)
+    factored = recipe_module.FactoredReadout(dense, layer.readout_factors)(u)
     assert factored.dtype == torch.float64
-    expected = dense.double()(u)
+    dense.double()  # in place: the bf16 check below compares with it in float64 too
+    expected = dense(u)
     assert (factored - expected).norm() <= 1e-6 * expected.norm()
-    half = recipe.FactoredReadout(dense, layer.readout_factors)(u.bfloat16())
+    half = recipe_module.FactoredReadout(dense, layer.readout_factors)(u.bfloat16())
     assert half.dtype == torch.bfloat16
     exact = dense(u.bfloat16().double())
     rounding = torch.finfo(torch.bfloat16).eps / 2 * exact.abs() + 1e-6 * exact.abs().max()
