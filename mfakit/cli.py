@@ -12,7 +12,7 @@ from pathlib import Path
 
 from mfakit.checkpoint import CheckpointError
 from mfakit.convert import PLAIN_METHOD, ConversionMethod, ConvertOptions
-from mfakit.convert.plan import DEFAULT_CALIBRATION_TOKENS
+from mfakit.convert.plan import DEFAULT_CALIBRATION_TOKENS, KEY_FRACTION
 from mfakit.errors import MfakitError, OptionsError
 from mfakit.finetune import FinetuneOptions
 from mfakit.finetune.train import LR, LR_BELOW_HALF, PARALLEL
@@ -232,7 +232,11 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
     m = p.add_argument_group("method below the exact budget (docs/method.md)")
     m.add_argument("--no-sequential", action="store_true", help="calibrate every layer on the source's own inputs")
     m.add_argument("--no-refit", action="store_true", help="keep the output projection of the factorization")
-    m.add_argument("--key-fraction", type=float, help="share of the cache for keys (default: MFA 0.5, MFA-KR 0.8)")
+    m.add_argument(
+        "--key-fraction",
+        type=float,
+        help=f"share of the cache for keys (default: MFA {KEY_FRACTION['mfa']}, MFA-KR {KEY_FRACTION['mfa-kr']})",
+    )
     m.add_argument(
         "--nope-angle",
         type=float,

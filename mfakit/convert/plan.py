@@ -45,6 +45,11 @@ NOPE_ANGLE_BELOW_HALF = 2 * math.pi
 # row flatter. Chosen on the development domains at MFA-KR 0.25: 2.539x -> 2.407x, every domain better (the same
 # factor before the refit, or fitted per head to the source's attention distributions, gained under 0.5%).
 LOGIT_SCALE_BELOW_HALF = 1.15
+# Share of the cache given to RoPE'd key channels unless told otherwise. MFA-KR: 0.7 of C (the rest value-only
+# NoPE channels), chosen on the development domains, where it beat 0.8 at half, a quarter and an eighth of the
+# cache (1.315x -> 1.258x, 2.401x -> 2.341x, 7.241x -> 7.048x; ten of the twelve domain-budget pairs better) and
+# beat 0.6 and 0.9 at a quarter. MFA: half of C + v_dim, as many key as value numbers.
+KEY_FRACTION = {"mfa": 0.5, "mfa-kr": 0.7}
 # Calibration tokens unless told otherwise: 65,536 (chosen on the quality benchmark's development domains, where
 # 4x the tokens of the earlier 16,384 gave 14% lower perplexity ratios at a quarter of the cache; SmolLM2 then
 # converts in 4.5-6.5 minutes on 2 cores, 9 at MFA-KR 0.5), fewer for models so wide that one stream of float32
@@ -64,8 +69,8 @@ class ConversionMethod:
     sequential: gather layer l's statistics on the inputs that the already converted layers 0..l-1 produce, so
         their errors are seen and compensated rather than compounded.
     refit: least-squares refit of the output projection against the source layer's attention output.
-    key_fraction: share of the cache given to key channels (MFA-KR: of C; MFA: of C + v_dim); None: 0.8 for
-        MFA-KR, 0.5 for MFA.
+    key_fraction: share of the cache given to key channels (MFA-KR: of C; MFA: of C + v_dim); None: KEY_FRACTION
+        of the variant (0.7 for MFA-KR, 0.5 for MFA).
     nope_angle: RoPE pairs that turn by at most this many radians over `nope_context` tokens (default: the model's
         max_position_embeddings) become NoPE channels; 0 keeps every frequency; None: `nope_angle_at`'s default
         (1 radian from half the cache up, one full turn below).
@@ -111,7 +116,7 @@ class ConversionMethod:
         return LOGIT_SCALE_BELOW_HALF if variant == "mfa-kr" and cache_share < 0.5 else 1.0
 
     def key_share(self, variant: str) -> float:
-        return self.key_fraction if self.key_fraction is not None else (0.8 if variant == "mfa-kr" else 0.5)
+        return self.key_fraction if self.key_fraction is not None else KEY_FRACTION[variant]
 
 
 PLAIN_METHOD = ConversionMethod(
