@@ -98,6 +98,7 @@ def cmd_convert(args: argparse.Namespace) -> None:
             nope_angle=args.nope_angle,
             nope_context=args.nope_context,
             logit_scale=args.logit_scale,
+            attention_weight=args.attention_weight,
         )
     options = ConvertOptions(
         variant=args.variant,
@@ -250,6 +251,13 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
         type=float,
         help="every query head's logits times this once a layer is fitted (default: MFA-KR below half the cache "
         "1.15, else 1)",
+    )
+    m.add_argument(
+        "--attention-weight",
+        type=float,
+        default=METHOD["attention_weight"],
+        help="share of each token's weight in the key and value statistics that follows the attention it receives "
+        "in the source (0: every token alike; default: %(default)s)",
     )
     m.add_argument("--plain", action="store_true", help="the first method: uniform PCA, 50:50 split, none of the above")
     p.add_argument(

@@ -17,8 +17,9 @@ from transformers import (
     FalconConfig,
 )
 
-from mfakit.convert.calibration import computing_in
+from mfakit.convert.calibration import computing_in, load_module, record_layer_inputs, run_layer
 from mfakit.convert.factorize import fold_qk_norm
+from mfakit.convert.plan import ConvertOptions, plan_conversion
 from mfakit.families import find_layout, head_shape, meta_skeleton
 from tests.conftest import (
     CALIB,
@@ -257,3 +258,29 @@ def test_computing_in_float32_equals_a_float32_copy(family, tokenizer, kind):
     assert torch.equal(cast, copy(ids).logits)
     after = model.state_dict()
     assert all(after[name].dtype == t.dtype and torch.equal(after[name], t) for name, t in stored.items())
+
+
+@pytest.mark.parametrize("kind", [*FAMILIES, *QK_NORM])
+def test_attention_mass_is_read_without_changing_the_layer(family, tokenizer, kind):
+    """The attention each token receives (what the attention-weighted calibration weighs tokens by) is read through
+    eager attention with the family's own mask made additive: every layer computes what it computes without it (a
+    causal mask lost on the way would change the outputs), every query hands out one unit of attention, and the last
+    token, which only it sees, receives at most one."""
+    plan = plan_conversion(family(kind), ConvertOptions(variant="mfa", kv_ratio=0.5))
+    ids = sample_ids(tokenizer, n=24)
+    path = plan.layout.layers_path
+    inputs = record_layer_inputs(plan.skeleton, path, plan.ckpt, [ids], "cpu", torch.float32)
+    hidden, implementation = inputs.hidden, plan.config._attn_implementation
+    for i, layer_args in enumerate(inputs.layer_args):
+        layer = load_module(plan.skeleton, f"{path}.{i}", plan.ckpt)
+        attention = layer.get_submodule(plan.layout.attention_name)
+        plain = run_layer(layer, attention, hidden, layer_args, attn_out=True)
+        weighed = run_layer(layer, attention, hidden, layer_args, attn_out=True, attn_mass=True)
+        assert plan.config._attn_implementation == implementation
+        assert torch.allclose(weighed.attn_out[0], plain.attn_out[0], atol=1e-5, rtol=1e-4)
+        assert torch.allclose(weighed.hidden[0], plain.hidden[0], atol=1e-5, rtol=1e-4)
+        mass = weighed.attn_mass[0]
+        assert mass.shape == ids.shape and bool((mass >= 0).all())
+        assert torch.allclose(mass.sum(-1), torch.full((ids.shape[0],), float(ids.shape[1]), dtype=mass.dtype))
+        assert bool((mass[:, -1] <= 1 + 1e-6).all())
+        hidden = plain.hidden

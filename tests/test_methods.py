@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mfakit.cli import main
+from mfakit.convert import calibration
 from mfakit.convert import factorize as fz
 from mfakit.convert import plan as plan_module
 from mfakit.convert import readout as ro
@@ -318,6 +319,7 @@ def test_method_flags_are_recorded_and_change_the_layout(tiny, tmp_path):
         "logit_scale": None,
         "tune_steps": 0,
         "tune_lr": 0.001,
+        "attention_weight": plan_module.ATTENTION_WEIGHT,
     }
     assert all(0 not in layer["rope_freqs"] for layer in config["mfa_layers"])
     nope = tmp_path / "nope"
@@ -601,3 +603,44 @@ def test_the_sequential_pass_replays_the_refit_attention_to_the_same_bytes(
     replayed, run = (load_file(tmp_path / name / "model.safetensors") for name in ("replayed", "run"))
     assert replayed.keys() == run.keys()
     assert all(torch.equal(replayed[k], run[k]) for k in run)
+
+
+def test_a_token_weighs_in_the_second_moment_as_often_as_it_is_repeated():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 3, generator=gen)
+    counts = torch.tensor([[1, 3, 0, 2, 1], [4, 1, 1, 0, 2]])
+    repeated = torch.cat([x[b, t].expand(int(counts[b, t]), 3) for b in range(2) for t in range(5)])
+    weighted = calibration.second_moment([x], [counts.to(torch.float64)])
+    assert torch.allclose(weighted, calibration.second_moment([repeated[None]]), atol=1e-12)
+
+
+def test_attention_weights_mix_uniform_and_received_attention():
+    mass = [torch.tensor([[3.0, 1.0, 0.0, 0.0]]), torch.tensor([[2.0, 1.0, 1.0, 0.0]])]  # mean 1
+    uniform, received = calibration.attention_weights(mass, 0.0), calibration.attention_weights(mass, 1.0)
+    assert all(torch.equal(w, torch.ones_like(m)) for w, m in zip(uniform, mass, strict=True))
+    assert all(torch.equal(w, m) for w, m in zip(received, mass, strict=True))
+    half = calibration.attention_weights(mass, 0.5)
+    assert torch.equal(half[0], torch.tensor([[2.0, 1.0, 0.5, 0.5]]))
+    assert sum(float(w.sum()) for w in half) == 8.0
+
+
+@pytest.mark.parametrize("weight", [-0.1, 1.5, float("nan")])
+def test_attention_weight_outside_zero_one_is_refused(weight):
+    with pytest.raises(OptionsError, match="attention_weight"):
+        ConversionMethod(attention_weight=weight)
+
+
+def test_attention_weights_over_their_memory_are_uniform(tiny, tmp_path, capsys, monkeypatch):
+    """Where one batch's attention probabilities would exceed ATTENTION_MASS_BYTES, every token weighs alike, with a
+    note: the output is then the same bytes as --attention-weight 0, and unlike the weighted one."""
+    src = str(tiny("llama-gqa"))
+    common = ["--variant", "mfa-kr", "--kv-ratio", "0.25", *CALIB]
+    assert main(["convert", src, str(tmp_path / "weighted"), *common]) == 0
+    assert main(["convert", src, str(tmp_path / "uniform"), *common, "--attention-weight", "0"]) == 0
+    monkeypatch.setattr(recipe_module, "ATTENTION_MASS_BYTES", 1)
+    assert main(["convert", src, str(tmp_path / "limited"), *common]) == 0
+    assert "weigh every token alike" in capsys.readouterr().err
+    shard = "model.safetensors"
+    uniform = (tmp_path / "uniform" / shard).read_bytes()
+    assert (tmp_path / "limited" / shard).read_bytes() == uniform
+    assert (tmp_path / "weighted" / shard).read_bytes() != uniform

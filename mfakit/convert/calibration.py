@@ -175,11 +175,16 @@ class SecondMoment:
         self.sum = torch.zeros(dim + 1, dim + 1, dtype=torch.float64, device=device)
         self.count = 0
 
-    def update(self, x: torch.Tensor) -> None:
+    def update(self, x: torch.Tensor, weights: torch.Tensor | None = None) -> None:
         x = x.reshape(-1, x.shape[-1]).to(torch.float64)
         x = torch.cat([x, x.new_ones(x.shape[0], 1)], 1)
-        add_gram_(self.sum, x)
-        self.count += x.shape[0]
+        if weights is None:
+            add_gram_(self.sum, x)
+            self.count += x.shape[0]
+            return
+        w = weights.reshape(-1, 1).to(x)
+        add_gram_(self.sum, x * w.sqrt())
+        self.count += float(w.sum())
 
     def value(self) -> torch.Tensor:
         return mirror_gram_(self.sum) / max(self.count, 1)
@@ -245,6 +250,7 @@ class LayerRun:
     hidden: list[torch.Tensor] | None  # the layer's outputs: the next layer's inputs
     attn_in: list[torch.Tensor] | None  # the attention's input (after the layer's input norm)
     attn_out: list[torch.Tensor] | None  # the attention's output (before the residual add)
+    attn_mass: list[torch.Tensor] | None = None  # (batch, tokens): attention each token receives, mean over heads
 
 
 def run_layer(
@@ -255,9 +261,12 @@ def run_layer(
     *,
     attn_in: bool = False,
     attn_out: bool = False,
+    attn_mass: bool = False,
     outputs: bool = True,
 ) -> LayerRun:
-    """Run each calibration batch through one decoder layer, recording the attention's input and output on the way.
+    """Run each calibration batch through one decoder layer, recording the attention's input and output on the way,
+    and with attn_mass the attention each token receives (eager attention, whose probabilities are its second
+    output, with the batch's mask made additive: `_additive_mask`).
     With outputs=False the pass stops at the attention's input (the rest of the layer is not computed). The layer
     computes in the dtype of the hidden states (`computing_in`), whatever dtype its tensors are stored in."""
     ins: list[torch.Tensor] = []
@@ -269,14 +278,24 @@ def run_layer(
         if not outputs:
             raise _Stop
 
+    masses: list[torch.Tensor] = []
+
     def post_hook(_module, _args, out):
-        outs.append(out[0] if isinstance(out, tuple) else out)
+        if attn_out:
+            outs.append(out[0] if isinstance(out, tuple) else out)
+        if attn_mass:
+            masses.append(out[1].to(torch.float64).sum(dim=2).mean(dim=1))
 
     handles = []
     if attn_in or not outputs:
         handles.append(attention.register_forward_pre_hook(pre_hook, with_kwargs=True))
-    if attn_out:
+    if attn_out or attn_mass:
         handles.append(attention.register_forward_hook(post_hook))
+    if attn_mass:
+        handles.append(attention.register_forward_pre_hook(_additive_mask, with_kwargs=True))
+        config = attention.config
+        implementation = config._attn_implementation
+        config._attn_implementation = "eager"  # the one implementation that returns the probabilities
     try:
         with torch.no_grad(), computing_in(layer, hidden[0].dtype):
             for h, (args, kwargs) in zip(hidden, layer_args, strict=True):
@@ -286,21 +305,50 @@ def run_layer(
                     continue
                 results.append(out[0] if isinstance(out, tuple) else out)
     finally:
+        if attn_mass:
+            config._attn_implementation = implementation
         for handle in handles:
             handle.remove()
     return LayerRun(
         hidden=results if outputs else None,
         attn_in=ins if attn_in or not outputs else None,
         attn_out=outs if attn_out else None,
+        attn_mass=masses if attn_mass else None,
     )
 
 
-def second_moment(batches: list[torch.Tensor]) -> torch.Tensor:
-    """Sigma = E[x~ x~^T] of x~ = [x; 1] over every token of the batches, in float64 on their device."""
+def _additive_mask(_module, args, kwargs):
+    """The attention mask in the form eager attention adds to its logits: the fused kernels' masks are boolean
+    (True: attend) or None for plain causal attention, which eager attention would read as no mask at all."""
+    hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+    mask = kwargs.get("attention_mask")
+    if mask is None:
+        n = hidden.shape[1]
+        mask = torch.ones(n, n, dtype=torch.bool, device=hidden.device).tril()[None, None]
+    if mask.dtype == torch.bool:
+        mask = torch.zeros(mask.shape, dtype=hidden.dtype, device=hidden.device).masked_fill(
+            ~mask, torch.finfo(hidden.dtype).min
+        )
+    return args, {**kwargs, "attention_mask": mask}
+
+
+def second_moment(batches: list[torch.Tensor], weights: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """Sigma = E[x~ x~^T] of x~ = [x; 1] over every token of the batches, in float64 on their device; with
+    `weights` (one (batch, tokens) tensor per batch) each token counts in proportion to its weight."""
     moment = SecondMoment(batches[0].shape[-1], batches[0].device)
-    for x in batches:
-        moment.update(x)
+    for k, x in enumerate(batches):
+        moment.update(x, None if weights is None else weights[k])
     return moment.value()
+
+
+def attention_weights(mass: list[torch.Tensor], share: float) -> list[torch.Tensor]:
+    """Per-token weights (1 - share) + share a_t / mean(a) from the attention a_t = sum_q p_qt that each calibration
+    token t receives (`LayerRun.attn_mass`, averaged over heads). A value error e_t reaches query q's output as
+    sum_t p_qt e_t, and sum_q |sum_t p_qt e_t|^2 <= sum_t a_t |e_t|^2 (each row of p sums to 1), so a second moment
+    with these weights measures what a lost direction costs the outputs; a key error at t likewise moves only the
+    attention on t. Share 0 counts every token alike."""
+    mean = sum(float(m.sum()) for m in mass) / sum(m.numel() for m in mass)
+    return [(1 - share) + share * m / mean for m in mass]
 
 
 @dataclass

@@ -327,7 +327,7 @@ def _weighted_pca(cov: Tensor, weights: Tensor) -> tuple[Tensor, Tensor, Tensor]
     return lam, enc, dec
 
 
-def key_spectrum(src: SourceAttention, sigma: Tensor) -> list[KeyGroup]:
+def key_spectrum(src: SourceAttention, sigma: Tensor, kv_sigma: Tensor | None = None) -> list[KeyGroup]:
     """Per-frequency key PCA, weighted by the query energy each key head meets.
 
     For frequency t the variables are the g complex key pairs z_{j,t} = a_{j,t} + i b_{j,t} (channels t and
@@ -344,7 +344,8 @@ def key_spectrum(src: SourceAttention, sigma: Tensor) -> list[KeyGroup]:
     heads_per_group[group, torch.arange(src.num_heads, device=energy.device)] = 1.0
     pair_w = heads_per_group @ (energy[:, :P] + energy[:, P : 2 * P])  # (g, P)
     rows = src.wk.reshape(g * dh, -1)
-    cov = (rows @ sigma.to(rows.dtype) @ rows.T).reshape(g, dh, g, dh)
+    kv_sigma = sigma if kv_sigma is None else kv_sigma
+    cov = (rows @ kv_sigma.to(rows.dtype) @ rows.T).reshape(g, dh, g, dh)
     groups = []
     for t, freq in enumerate(src.rope_freqs.tolist()):
         a, b = t, P + t
@@ -488,26 +489,32 @@ def value_readout(src: SourceAttention, latent_rows: Tensor, sigma: Tensor) -> t
 # Whole layers under a budget
 
 
-def compress_mfa(src: SourceAttention, sigma: Tensor, kv_dim: int, v_dim: int) -> MFALayer:
+def compress_mfa(
+    src: SourceAttention, sigma: Tensor, kv_dim: int, v_dim: int, kv_sigma: Tensor | None = None
+) -> MFALayer:
     """MFA layer with a key latent of kv_dim channels and a value latent of v_dim channels."""
-    groups = key_spectrum(src, sigma)
+    kv_sigma = sigma if kv_sigma is None else kv_sigma
+    groups = key_spectrum(src, sigma, kv_sigma)
     wk, wq, freqs = place_channels(key_latent(src, groups, choose_components(groups, kv_dim)), kv_dim)
-    wv = value_rows(src, sigma, v_dim)
-    wo, factors = value_readout(src, wv, sigma)
+    wv = value_rows(src, kv_sigma, v_dim)
+    wo, factors = value_readout(src, wv, kv_sigma)
     return MFALayer(wq=wq, wk=wk, wv=wv, wo=wo, bo=src.bo, rope_freqs=freqs, scale=src.scale, readout_factors=factors)
 
 
-def compress_mfa_kr(src: SourceAttention, sigma: Tensor, kv_dim: int, key_channels: int) -> MFALayer:
+def compress_mfa_kr(
+    src: SourceAttention, sigma: Tensor, kv_dim: int, key_channels: int, kv_sigma: Tensor | None = None
+) -> MFALayer:
     """MFA-KR layer of width kv_dim: key_channels channels of key components, the rest value-only (NoPE)
     channels chosen on what the key channels do not already carry; outputs read the whole pre-RoPE latent."""
-    groups = key_spectrum(src, sigma)
+    kv_sigma = sigma if kv_sigma is None else kv_sigma
+    groups = key_spectrum(src, sigma, kv_sigma)
     keys = key_latent(src, groups, choose_components(groups, key_channels))
     key_real_rows = torch.cat([keys.pair_rows.real, keys.pair_rows.imag, keys.real_rows])
     n_values = kv_dim - 2 * keys.pair_rows.shape[0] - keys.real_rows.shape[0]
-    values = value_rows(src, sigma, n_values, basis=key_real_rows)
+    values = value_rows(src, kv_sigma, n_values, basis=key_real_rows)
     wk, wq, freqs = place_channels(with_value_channels(keys, values), kv_dim)
     del keys  # its per-head query rows, as large as wq, are laid out in wq now
-    wo, factors = value_readout(src, wk, sigma)
+    wo, factors = value_readout(src, wk, kv_sigma)
     return MFALayer(wq=wq, wk=wk, wv=None, wo=wo, bo=src.bo, rope_freqs=freqs, scale=src.scale, readout_factors=factors)
 
 

@@ -35,6 +35,7 @@ from mfakit.convert.adapters import (
 from mfakit.convert.calibration import (
     LayerInputs,
     Streams,
+    attention_weights,
     calibration_batches,
     computing_in,
     free_outside_layers,
@@ -48,6 +49,7 @@ from mfakit.convert.calibration import (
     tokens_per_batch,
 )
 from mfakit.convert.plan import (
+    ATTENTION_MASS_BYTES,
     ConversionPlan,
     ConvertOptions,
     calibration_token_count,
@@ -268,7 +270,16 @@ def convert_one_layer(
     pre = pre_latent(layout, attention, plan.config, options.variant) if plan.qk_norm == "exact" else None
     layer.to(device=options.device)
     wants_out = method.refit or method.tune_steps > 0
-    source_run = run_layer(layer, attention, streams.source, layer_args, attn_in=True, attn_out=wants_out)
+    weigh = method.attention_weight > 0 and attention_mass_fits(plan, run, i, streams.source[0])
+    source_run = run_layer(
+        layer,
+        attention,
+        streams.source,
+        layer_args,
+        attn_in=True,
+        attn_out=wants_out,
+        attn_mass=weigh,
+    )
     x = source_run.attn_in
     if streams.converted is not None:
         x = run_layer(layer, attention, streams.converted, layer_args, outputs=False).attn_in
@@ -283,9 +294,14 @@ def convert_one_layer(
     )
     exact = is_exact(src, options.variant, plan.kv_dim, plan.v_dim)
     with computing_in(attention, compute):
-        sigma = second_moment(normalised_inputs(layout, attention, plan.config, x) if pre else x)
+        inputs = normalised_inputs(layout, attention, plan.config, x) if pre else x
+        sigma = second_moment(inputs)
+        kv_sigma = None
+        if weigh and not exact:
+            kv_sigma = second_moment(inputs, attention_weights(source_run.attn_mass, method.attention_weight))
     layer.to("meta")
-    mfa = convert_layer(src, sigma, options.variant, plan.kv_dim, plan.v_dim, method, plan.nope_context)
+    mfa = convert_layer(src, sigma, options.variant, plan.kv_dim, plan.v_dim, method, plan.nope_context, kv_sigma)
+    del kv_sigma
     src = src.without_weights()
     fz.balance_(mfa, sigma)
     replay = None
@@ -321,6 +337,23 @@ def convert_one_layer(
         converted_stream = run_layer(layer, attention, streams.converted, layer_args).hidden
     layer.to("meta")
     return Streams(source_run.hidden, converted_stream)
+
+
+def attention_mass_fits(plan: ConversionPlan, run: ConversionRun, i: int, batch: torch.Tensor) -> bool:
+    """Whether layer i's calibration batches (like `batch`, (sequences, tokens, d)) can be run with eager attention
+    to read the attention each token receives: its probabilities, batch x heads x tokens^2 in float32, must stay
+    within ATTENTION_MASS_BYTES; otherwise the layer's tokens weigh alike (noted once)."""
+    sequences, tokens = batch.shape[0], batch.shape[1]
+    need = sequences * plan.shape.num_heads * tokens * tokens * 4
+    if need <= ATTENTION_MASS_BYTES:
+        return True
+    run.note_once(
+        "mass",
+        f"layer {i}: key and value statistics weigh every token alike (reading the attention each receives would "
+        f"hold {need / 1e9:.1f} GB of attention probabilities per batch > {ATTENTION_MASS_BYTES / 1e9:.1f} GB; "
+        f"shorter --calib-seq-len fits); same for the other layers",
+    )
+    return False
 
 
 @dataclass(frozen=True)
