@@ -51,9 +51,10 @@ LOGIT_SCALE_BELOW_HALF = 1.15
 # beat 0.6 and 0.9 at a quarter. MFA: half of C + v_dim, as many key as value numbers.
 KEY_FRACTION = {"mfa": 0.5, "mfa-kr": 0.7}
 # Share of each token's weight in the key and value second moments that follows the attention it receives in the
-# source (`attention_weights`; the rest counts every token alike). Chosen on the development domains at MFA-KR 0.25,
-# where 0.5 and 1 both beat uniform weights on every domain (2.341x -> 2.261x and 2.268x): the first token of a
-# window receives 30-65% of the attention in SmolLM2's later layers and is 1 of 512 calibration tokens.
+# source (`attention_weights`; the rest counts every token alike). Chosen on the development domains: at MFA-KR 0.25
+# 0.5 and 1 both beat uniform weights on every domain (2.341x -> 2.261x and 2.268x), 0.5 gained 0.5% at half the
+# cache and lost 0.3% at an eighth; MFA gained 1.4% and 3.3% at half and a quarter. The first token of a window
+# receives 30-65% of the attention in SmolLM2's later layers and is 1 of 512 calibration tokens.
 ATTENTION_WEIGHT = 0.5
 # The eager attention probabilities of one calibration batch that reading the attention weights may hold (batch x
 # heads x tokens^2 x 4 bytes); a layer whose batches would need more is weighted uniformly, and says so.
