@@ -284,7 +284,8 @@ def run_layer(
         if attn_out:
             outs.append(out[0] if isinstance(out, tuple) else out)
         if attn_mass:
-            masses.append(out[1].to(torch.float64).sum(dim=2).mean(dim=1))
+            # summed in float64 without a float64 copy of the (batch, heads, tokens, tokens) probabilities
+            masses.append(out[1].sum(dim=2, dtype=torch.float64).mean(dim=1))
 
     handles = []
     if attn_in or not outputs:

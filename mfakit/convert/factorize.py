@@ -327,15 +327,16 @@ def _weighted_pca(cov: Tensor, weights: Tensor) -> tuple[Tensor, Tensor, Tensor]
     return lam, enc, dec
 
 
-def key_spectrum(src: SourceAttention, sigma: Tensor, kv_sigma: Tensor | None = None) -> list[KeyGroup]:
+def key_spectrum(src: SourceAttention, sigma: Tensor, kv_sigma: Tensor) -> list[KeyGroup]:
     """Per-frequency key PCA, weighted by the query energy each key head meets.
 
     For frequency t the variables are the g complex key pairs z_{j,t} = a_{j,t} + i b_{j,t} (channels t and
     P + t); group j is weighted by w_{j,t} = sum_{i in j} E|z_{q,i,t}|^2, since a key error e_j costs
     E|Re(z_q conj(e_j) e^{i phi})|^2 = 1/2 w_{j,t} |e_j|^2 on average over the relative phase phi. The NoPE
     channels of all key heads form one real group, weighted the same way per channel. Every covariance is a block
-    of the real key covariance K = W_k Sigma W_k^T ((g d_h)^2, one product):
-    E[z_j conj(z_k)] = K_aa + K_bb + i (K_ba - K_ab).
+    of the real key covariance K = W_k Sigma_kv W_k^T ((g d_h)^2, one product):
+    E[z_j conj(z_k)] = K_aa + K_bb + i (K_ba - K_ab). The query energies come from `sigma` (every query counts
+    alike), the key covariance from `kv_sigma` (the keys' second moment, attention-weighted or `sigma` itself).
     """
     g, P, dh = src.num_kv_heads, src.num_pairs, src.wk.shape[1]
     energy = query_energy(src, sigma)
@@ -344,7 +345,6 @@ def key_spectrum(src: SourceAttention, sigma: Tensor, kv_sigma: Tensor | None = 
     heads_per_group[group, torch.arange(src.num_heads, device=energy.device)] = 1.0
     pair_w = heads_per_group @ (energy[:, :P] + energy[:, P : 2 * P])  # (g, P)
     rows = src.wk.reshape(g * dh, -1)
-    kv_sigma = sigma if kv_sigma is None else kv_sigma
     cov = (rows @ kv_sigma.to(rows.dtype) @ rows.T).reshape(g, dh, g, dh)
     groups = []
     for t, freq in enumerate(src.rope_freqs.tolist()):
