@@ -458,6 +458,21 @@ def test_refit_plan_keeps_as_many_sequences_as_fit():
     assert plenty.folds == 1  # 8 tokens per feature or more: no validation needed
 
 
+def test_refit_plan_replays_what_fits_beside_the_refit():
+    """The sequential pass replays the refit's output-projection inputs when every sequence's fit beside the
+    statistics (or the refit reads all of them as samples), never from a subset of the sequences."""
+    features, d, seq_len, sequences = 32768, 4096, 512, 32
+    need = recipe_module.refit_memory(features, d, sequences * seq_len, 8)
+    inputs = sequences * seq_len * features * 4
+    beside = (need["statistics"] + inputs) / 1e9
+    assert recipe_module.refit_plan(features, d, sequences, seq_len, beside).replay
+    short = recipe_module.refit_plan(features, d, sequences, seq_len, beside * 0.999)
+    assert short.way == "statistics" and not short.replay
+    assert recipe_module.refit_plan(features, d, sequences, seq_len, need["samples"] / 1e9).replay
+    subset = recipe_module.refit_plan(features, d, sequences, seq_len, need["samples"] / 1e9 * 0.99)
+    assert subset.way == "samples" and subset.sequences < sequences and not subset.replay
+
+
 def test_spread_rows_keeps_sequences_spread_over_all_with_their_arguments():
     """The kept sequences are spread evenly over every batch (so every text of a mixture keeps its share), each with
     its own target, mask and positions; keeping all of them keeps everything."""
@@ -573,13 +588,14 @@ def test_component_choice_is_optimal(seed):
         ("phi3", "mfa", "bfloat16"),
     ],
 )
+@pytest.mark.parametrize("way", ["statistics", "samples"])
 def test_the_sequential_pass_replays_the_refit_attention_to_the_same_bytes(
-    family, tmp_path, monkeypatch, kind, variant, dtype
+    family, tmp_path, monkeypatch, kind, variant, dtype, way
 ):
-    """Refit from the samples of every calibration sequence, the sequential pass replays what the refit's converted
-    attention computed (its query, key and value rows rounded as written) instead of running the written attention
-    again: the checkpoint is the same bytes as when the pass runs it, so every later layer was calibrated on what
-    the written model computes. In bfloat16 this needs the rows rounded before the refit."""
+    """Refit from the statistics or the samples of every calibration sequence, the sequential pass replays what the
+    refit's converted attention computed (its query, key and value rows rounded as written) instead of running the
+    written attention again: the checkpoint is the same bytes as when the pass runs it, so every later layer was
+    calibrated on what the written model computes. In bfloat16 this needs the rows rounded before the refit."""
     src = str(family(kind))
     if dtype != "float32":
         model = AutoModelForCausalLM.from_pretrained(src, dtype=getattr(torch, dtype))
@@ -592,7 +608,8 @@ def test_the_sequential_pass_replays_the_refit_attention_to_the_same_bytes(
         recipe_module.refit_output,
         recipe_module.ReplayedAttention,
     )
-    monkeypatch.setattr(recipe_module, "refit_memory", lambda *a: {**real_memory(*a), "statistics": 10**15})
+    if way == "samples":
+        monkeypatch.setattr(recipe_module, "refit_memory", lambda *a: {**real_memory(*a), "statistics": 10**15})
     replays = []
     monkeypatch.setattr(recipe_module, "ReplayedAttention", lambda *a: replays.append(a) or real_replay(*a))
     assert main(["convert", src, str(tmp_path / "replayed"), *common]) == 0
@@ -603,6 +620,35 @@ def test_the_sequential_pass_replays_the_refit_attention_to_the_same_bytes(
     replayed, run = (load_file(tmp_path / name / "model.safetensors") for name in ("replayed", "run"))
     assert replayed.keys() == run.keys()
     assert all(torch.equal(replayed[k], run[k]) for k in run)
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--kv-ratio", "0.25"],
+        ["--kv-ratio", "0.5", "--logit-scale", "1.1"],
+        ["--kv-ratio", "0.5", "--share-q-dim", "8"],
+    ],
+)
+def test_nothing_is_replayed_where_the_written_attention_is_not_the_refits(tiny, tmp_path, monkeypatch, flags):
+    """A logit factor (MFA-KR's default below half the cache, or set) or queries written as a product of two factors
+    make the written attention differ from the one the refit ran: no refit keeps its inputs for a replay, from
+    statistics or from samples."""
+    kept = []
+    real_refit = recipe_module.refit_output
+
+    def recording(*args):
+        result = real_refit(*args)
+        kept.append(result[1])
+        return result
+
+    monkeypatch.setattr(recipe_module, "refit_output", recording)
+    src = str(tiny("llama-gqa"))
+    assert main(["convert", src, str(tmp_path / "stats"), "--variant", "mfa-kr", *flags, *CALIB]) == 0
+    real_memory = recipe_module.refit_memory
+    monkeypatch.setattr(recipe_module, "refit_memory", lambda *a: {**real_memory(*a), "statistics": 10**15})
+    assert main(["convert", src, str(tmp_path / "samples"), "--variant", "mfa-kr", *flags, *CALIB]) == 0
+    assert len(kept) == 4 and all(inputs is None for inputs in kept)
 
 
 def test_a_token_weighs_in_the_second_moment_as_often_as_it_is_repeated():

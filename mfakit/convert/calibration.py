@@ -284,8 +284,9 @@ def run_layer(
         if attn_out:
             outs.append(out[0] if isinstance(out, tuple) else out)
         if attn_mass:
-            # summed in float64 without a float64 copy of the (batch, heads, tokens, tokens) probabilities
-            masses.append(out[1].sum(dim=2, dtype=torch.float64).mean(dim=1))
+            # Summed over the queries in float32 (at most `tokens` terms in [0, 1], kept to 1e-7), then in float64:
+            # a float64 sum over the (batch, heads, tokens, tokens) probabilities took 20 times as long.
+            masses.append(out[1].sum(dim=2, dtype=torch.float32).to(torch.float64).mean(dim=1))
 
     handles = []
     if attn_in or not outputs:
@@ -375,12 +376,17 @@ def calibration_batches(tokenizer, specs: tuple[str, ...], tokens: int, seq_len:
 
 
 def _readout_pairs(
-    module: nn.Module, x: list[torch.Tensor], y: list[torch.Tensor], layer_args: list
+    module: nn.Module,
+    x: list[torch.Tensor],
+    y: list[torch.Tensor],
+    layer_args: list,
+    inputs: list[torch.Tensor] | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Per calibration sequence: the converted attention's output-projection input u (tokens, n) on its inputs x, in
     the dtype it computes in; the source attention's output y (tokens, d) in float64; and the converted attention's
     own output (tokens, d), the product of its output projection with u, as computed; all on the module's device
-    and with the output bias (the source's, in both)."""
+    and with the output bias (the source's, in both). With `inputs` (a list) each batch's output-projection input
+    (batch, tokens, n) is appended to it as well."""
     n = module.o_proj.in_features
     recorded: list[tuple[torch.Tensor, torch.Tensor]] = []
     handle = module.o_proj.register_forward_hook(lambda _m, args, out: recorded.append((args[0], out)))
@@ -389,6 +395,8 @@ def _readout_pairs(
             for xb, yb, (_, kwargs) in zip(x, y, layer_args, strict=True):
                 recorded.clear()
                 module(xb, attention_mask=kwargs.get("attention_mask"), position_ids=kwargs.get("position_ids"))
+                if inputs is not None:
+                    inputs.append(recorded[0][0])
                 for u, out, target in zip(*recorded[0], yb, strict=True):
                     target = target.reshape(-1, target.shape[-1]).to(torch.float64)
                     yield u.reshape(-1, n), target, out.reshape(target.shape)
@@ -423,17 +431,23 @@ def spread_rows(
 
 
 def readout_statistics(
-    module: nn.Module, x: list[torch.Tensor], y: list[torch.Tensor], layer_args: list, bias, folds: int
+    module: nn.Module,
+    x: list[torch.Tensor],
+    y: list[torch.Tensor],
+    layer_args: list,
+    bias,
+    folds: int,
+    inputs: list[torch.Tensor] | None = None,
 ) -> list[ReadoutStats]:
     """The readout refit's statistics in `folds` folds (calibration sequences dealt round-robin); empty folds are
-    left out."""
+    left out. With `inputs` (a list), each batch's output-projection inputs are appended to it (`_readout_pairs`)."""
     n, d = module.o_proj.in_features, module.o_proj.out_features
     weight = module.o_proj.weight
     stats = [
         ReadoutStats(weight.new_zeros(n, n, dtype=torch.float64), weight.new_zeros(n, d, dtype=torch.float64), 0.0, 0)
         for _ in range(folds)
     ]
-    for row, (u, target, _) in enumerate(_readout_pairs(module, x, y, layer_args)):
+    for row, (u, target, _) in enumerate(_readout_pairs(module, x, y, layer_args, inputs)):
         fold = stats[row % folds]
         u, target = u.to(torch.float64), target if bias is None else target - bias
         add_gram_(fold.gram, u)

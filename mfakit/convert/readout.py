@@ -219,6 +219,12 @@ def refit_from_samples_(layer: MFALayer, samples: ReadoutSamples, written: torch
     return ridge
 
 
+def inputs_memory(features: int, tokens: int) -> int:
+    """Bytes of the (N, n) output-projection inputs in float32 (what a refit from samples holds, and what the
+    sequential pass replays)."""
+    return tokens * features * 4
+
+
 def refit_memory(features: int, d: int, tokens: int, folds: int) -> dict[str, int]:
     """Bytes the output refit needs from statistics ((folds + 1) (n, n + d) sums in float64) and from samples (the
     (N, n) output-projection inputs in float32, the (N, d) residuals and the coefficients in float64, a float64 block
@@ -226,7 +232,7 @@ def refit_memory(features: int, d: int, tokens: int, folds: int) -> dict[str, in
     features, model width d and N calibration tokens."""
     return {
         "statistics": (folds + 1) * features * (features + d) * 8,
-        "samples": tokens * features * 4
+        "samples": inputs_memory(features, tokens)
         + 3 * tokens * d * 8
         + (tokens + d) * KERNEL_BLOCK * 8
         + 5 * tokens * tokens * 8,

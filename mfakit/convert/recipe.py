@@ -60,6 +60,7 @@ from mfakit.convert.plan import (
 )
 from mfakit.convert.readout import (
     TOKENS_PER_FEATURE_UNREGULARISED,
+    inputs_memory,
     refit_from_samples_,
     refit_from_statistics,
     refit_memory,
@@ -304,22 +305,24 @@ def convert_one_layer(
     del kv_sigma
     src = src.without_weights()
     fz.balance_(mfa, sigma)
+    share = layer_cache_share(src, options.variant, plan.kv_dim, plan.v_dim)
+    scale = 1.0 if exact else method.logit_scale_at(share, options.variant)
+    tune = method.tune_steps > 0 and not exact and pre is None
+    # The sequential pass replays the refit's attention only where it is the written one: not after a logit factor
+    # or per-layer tuning, nor with the queries written as a product of two rounded factors.
+    replayable = method.sequential and scale == 1.0 and not tune and not options.share_q_dim
     replay = None
     if method.refit and not exact:
         # The refit fits the attention as written; elsewhere the write's own cast rounds (no pass for nothing
         # over the query rows, the layer's largest tensor).
         fz.round_inputs_(mfa, getattr(torch, run.state.out_dtype))
-        mfa, replay = refit_output(plan, options, run, i, (mfa, src, pre), x, source_run.attn_out, layer_args)
-    if method.tune_steps and not exact and pre is None:
-        mfa, replay = tune_output(plan, options, i, (mfa, src), x, source_run.attn_out, layer_args), None
+        layer_refit = (mfa, src, pre)
+        mfa, replay = refit_output(plan, options, run, i, layer_refit, x, source_run.attn_out, layer_args, replayable)
+    if tune:
+        mfa = tune_output(plan, options, i, (mfa, src), x, source_run.attn_out, layer_args)
     mfa.readout_factors = None  # only the refit reads them
-    share = layer_cache_share(src, options.variant, plan.kv_dim, plan.v_dim)
-    scale = 1.0 if exact else method.logit_scale_at(share, options.variant)
     if scale != 1.0:  # the query rows are the layer's largest tensor: no pass over them for nothing
         mfa.wq.mul_(scale)
-        replay = None  # the refit's attention is no longer the written one
-    if options.share_q_dim:
-        replay = None  # the written queries are a product of two rounded factors
     layer_config, tensors = write_converted(plan, options, run, i, (mfa, src, pre), sigma)
     del mfa, sigma  # the written tensors replace their float32 forms
     if method.sequential and not exact:
@@ -361,12 +364,15 @@ class RefitPlan:
     """How a layer's output refit runs within its memory: `way` "statistics" (the (n, n) sums), "samples" (the
     calibration samples, kernel form) or "skip"; `folds` of the ridge's validation (one where none is needed);
     `sequences` the calibration sequences it reads (all of them unless their samples would not fit); `need` the bytes
-    of each way with every sequence (`refit_memory`)."""
+    of each way with every sequence (`refit_memory`); `replay` whether it keeps the output-projection inputs of every
+    sequence for the sequential pass to replay (`ReplayedAttention`): always from the samples of all of them, and
+    from statistics when the inputs fit beside the sums."""
 
     way: str
     folds: int
     sequences: int
     need: dict[str, int]
+    replay: bool
 
 
 def refit_plan(features: int, d: int, sequences: int, seq_len: int, limit_gb: float) -> RefitPlan:
@@ -379,11 +385,12 @@ def refit_plan(features: int, d: int, sequences: int, seq_len: int, limit_gb: fl
 
     need, limit = refit_memory(features, d, sequences * seq_len, folds_for(sequences)), limit_gb * 1e9
     if need["statistics"] <= limit:
-        return RefitPlan("statistics", folds_for(sequences), sequences, need)
+        replay = need["statistics"] + inputs_memory(features, sequences * seq_len) <= limit
+        return RefitPlan("statistics", folds_for(sequences), sequences, need, replay)
     for kept in range(sequences, 1, -1):
         if refit_memory(features, d, kept * seq_len, folds_for(kept))["samples"] <= limit:
-            return RefitPlan("samples", folds_for(kept), kept, need)
-    return RefitPlan("skip", folds_for(sequences), 0, need)
+            return RefitPlan("samples", folds_for(kept), kept, need, kept == sequences)
+    return RefitPlan("skip", folds_for(sequences), 0, need, False)
 
 
 def refit_output(
@@ -395,11 +402,13 @@ def refit_output(
     x: list[torch.Tensor],
     target: list[torch.Tensor],
     layer_args: list,
+    replayable: bool,
 ) -> tuple[fz.MFALayer, list[torch.Tensor] | None]:
     """Layer i's output projection refit on what the converted attention computes from its inputs `x` against the
     source attention's outputs `target`, in the way its memory allows (`refit_plan`; each fallback noted once).
-    Refit from the samples of every sequence, it also returns their output-projection inputs, one (batch, tokens,
-    n) tensor per batch of `x`, for the sequential pass to replay (`ReplayedAttention`); else None."""
+    If `replayable` (the written attention will be the refit's) and its plan allows (`RefitPlan.replay`), it also
+    returns the output-projection inputs of every sequence, one (batch, tokens, n) tensor per batch of `x`, for the
+    sequential pass to replay (`ReplayedAttention`); else None."""
     mfa, src, pre = layer
     features = mfa.wo.shape[1] * mfa.wo.shape[2]
     sequences = sum(b.shape[0] for b in x)
@@ -429,11 +438,13 @@ def refit_output(
             module.o_proj = FactoredReadout(module.o_proj, mfa.readout_factors)
         samples = readout_samples(module, x, target, layer_args, way.folds)
         refit_from_samples_(mfa, samples, getattr(torch, run.state.out_dtype))
-        if way.sequences < sequences:
+        if not (replayable and way.replay):
             return mfa, None
         return mfa, [u.view(*xb.shape[:-1], -1) for u, xb in zip(samples.u.split(tokens_per_batch(x)), x, strict=True)]
     mfa.readout_factors = None  # only the samples path reads them (at 70B W_O alone is 268 MB)
-    return refit_from_statistics(mfa, readout_statistics(module, x, target, layer_args, src.bo, way.folds))[0], None
+    inputs: list[torch.Tensor] | None = [] if replayable and way.replay else None
+    stats = readout_statistics(module, x, target, layer_args, src.bo, way.folds, inputs)
+    return refit_from_statistics(mfa, stats)[0], inputs
 
 
 class FactoredReadout(torch.nn.Module):
