@@ -4,6 +4,7 @@ test module shares (converting through the CLI, logits, greedy tokens, the one-l
 
 from __future__ import annotations
 
+import json
 import os
 from functools import partial
 from pathlib import Path
@@ -32,7 +33,9 @@ from transformers import (
 
 import mfakit  # noqa: F401  (registers the MFA classes)
 from mfakit.cli import main
-from mfakit.texts import builtin_texts, train_bpe_tokenizer
+from mfakit.eval import evaluation_ids, perplexity
+from mfakit.loading import load_model, load_tokenizer
+from mfakit.texts import TextSource, builtin_texts, train_bpe_tokenizer
 
 # One thread per xdist worker (`make test` runs one worker per core): tiny models gain nothing from more.
 torch.set_num_threads(1 if "PYTEST_XDIST_WORKER" in os.environ else min(2, os.cpu_count() or 1))
@@ -260,6 +263,26 @@ def smollm2(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("smollm2") / "model"
     assert main(["import-gguf", "package:smollm2", str(out)]) == 0
     return out
+
+
+# The real model's perplexity windows: two of 512 tokens of the built-in held-out split (what `eval ppl` reads by
+# default) tell an exact conversion from a broken one as well as more would; at full budget, where MFA-KR's attention
+# is six times as wide as the source's, the evaluation is most of a test's time.
+SMOLLM2_EVAL = ["--seq-len", "512", "--max-tokens", "1024", "--json"]
+
+
+@pytest.fixture(scope="module")
+def source_ppl(smollm2) -> float:
+    """The source's perplexity on the SMOLLM2_EVAL windows, computed once per module."""
+    ids, _ = evaluation_ids(load_tokenizer(smollm2), [TextSource("builtin", "pydoc")], max_tokens=1024)
+    return perplexity(load_model(smollm2), ids, seq_len=512).ppl
+
+
+def eval_ppl(capsys, path: Path, *args: str) -> dict:
+    """`mfakit eval ppl PATH ARGS...`'s JSON result (ARGS must include --json)."""
+    capsys.readouterr()
+    assert main(["eval", "ppl", str(path), *args]) == 0
+    return json.loads(capsys.readouterr().out)
 
 
 def sample_ids(tokenizer, n: int = 64, batch: int = 2) -> torch.Tensor:

