@@ -18,7 +18,9 @@ sys.path.insert(0, str(ROOT / "scripts"))  # the benchmarks' own plumbing, as th
 from benchlib import run_measured  # noqa: E402
 
 SHAPE = ["--hidden", "1024", "--heads", "8", "--kv-heads", "2", "--vocab", "1024", "--dtype", "float32"]
-CONVERT = ["--variant", "mfa", "--kv-ratio", "0.5", "--calib-tokens", "1024", "--calib-seq-len", "256"]
+# Two calibration sequences: fewer tokens than readout features, so the refit still validates its ridge (over two
+# folds, half the solves of four, which were most of this module's time).
+CONVERT = ["--variant", "mfa", "--kv-ratio", "0.5", "--calib-tokens", "512", "--calib-seq-len", "256"]
 CONVERT += ["--max-shard-mb", "64", "--quiet"]
 # glibc's heap by default serves the converter's few-megabyte temporaries and, as its layout fragments over the
 # layers, lets each layer's peak drift up by 0-130 MB at random (per-layer peaks 650-780 MB over 16 layers, and
@@ -64,8 +66,8 @@ def measured(checkpoints, tmp_path_factory) -> dict:
 
 def test_peak_memory_is_bounded_and_independent_of_depth(checkpoints, measured):
     """10 layers of 58 MB (0.62 GB in 8 shards): the conversion's memory beyond the imports is about a third of the
-    checkpoint (measured 0.36x on 2 cores), where loading the model alone would take all of it; and 7 more layers
-    than the small checkpoint cost almost nothing (measured: 0-2 MB of their 0.43 GB)."""
+    checkpoint (measured 0.36-0.39x on 2 cores), where loading the model alone would take all of it; and 7 more
+    layers than the small checkpoint cost almost nothing (measured: 0-4 MB of their 0.43 GB)."""
     size_large, size_small = weight_bytes(checkpoints["large"]), weight_bytes(checkpoints["small"])
     assert len(list(checkpoints["large"].glob("*.safetensors"))) == 8
     assert measured["large"] - measured["imports"] < 0.65 * size_large, measured

@@ -38,8 +38,9 @@ def _ridge_readout(stats: ReadoutStats, prior: Tensor, ridge: float) -> Tensor:
     """argmin_W sum_t ||y_t - W u_t||^2 + lam ||W - prior||^2 with lam = ridge * mean(diag(gram))
     = (cross^T + lam prior) (gram + lam I)^{-1}; (d, n)."""
     lam = ridge * stats.gram.diagonal().mean().clamp_min(1e-30)
-    eye = torch.eye(stats.gram.shape[0], dtype=stats.gram.dtype, device=stats.gram.device)
-    return torch.linalg.solve(stats.gram + lam * eye, stats.cross + lam * prior.T).T
+    regularised = stats.gram.clone()
+    regularised.diagonal().add_(lam)
+    return torch.linalg.solve(regularised, stats.cross + lam * prior.T).T
 
 
 def _readout_error(stats: ReadoutStats, w: Tensor) -> float:
@@ -64,12 +65,12 @@ def choose_ridge(folds: list[ReadoutStats], prior: Tensor) -> float:
     fixed = _fixed_ridge(total.tokens, total.gram.shape[0], len(folds))
     if fixed is not None:
         return fixed
-    errors = {}
-    for ridge in RIDGES:
-        errors[ridge] = 0.0
-        for k, held_out in enumerate(folds):
-            rest = [f for j, f in enumerate(folds) if j != k]
-            errors[ridge] += _readout_error(held_out, _ridge_readout(sum(rest[1:], start=rest[0]), prior, ridge))
+    errors = dict.fromkeys(RIDGES, 0.0)
+    for k, held_out in enumerate(folds):
+        rest = [f for j, f in enumerate(folds) if j != k]
+        fitted_on = sum(rest[1:], start=rest[0])
+        for ridge in RIDGES:
+            errors[ridge] += _readout_error(held_out, _ridge_readout(fitted_on, prior, ridge))
     return min(errors, key=errors.get)
 
 
