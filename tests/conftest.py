@@ -268,14 +268,16 @@ def smollm2(tmp_path_factory) -> Path:
 # The real model's perplexity windows: two of 512 tokens of the built-in held-out split (what `eval ppl` reads by
 # default) tell an exact conversion from a broken one as well as more would; at full budget, where MFA-KR's attention
 # is six times as wide as the source's, the evaluation is most of a test's time.
-SMOLLM2_EVAL = ["--seq-len", "512", "--max-tokens", "1024", "--json"]
+SMOLLM2_SEQ_LEN, SMOLLM2_EVAL_TOKENS = 512, 1024
+SMOLLM2_EVAL = ["--seq-len", str(SMOLLM2_SEQ_LEN), "--max-tokens", str(SMOLLM2_EVAL_TOKENS), "--json"]
 
 
 @pytest.fixture(scope="module")
 def source_ppl(smollm2) -> float:
     """The source's perplexity on the SMOLLM2_EVAL windows, computed once per module."""
-    ids, _ = evaluation_ids(load_tokenizer(smollm2), [TextSource("builtin", "pydoc")], max_tokens=1024)
-    return perplexity(load_model(smollm2), ids, seq_len=512).ppl
+    source = [TextSource("builtin", "pydoc")]
+    ids, _ = evaluation_ids(load_tokenizer(smollm2), source, max_tokens=SMOLLM2_EVAL_TOKENS)
+    return perplexity(load_model(smollm2), ids, seq_len=SMOLLM2_SEQ_LEN).ppl
 
 
 def eval_ppl(capsys, path: Path, *args: str) -> dict:

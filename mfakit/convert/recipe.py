@@ -433,16 +433,17 @@ def refit_output(
             f"would need {need['statistics']} {over}",
         )
     module = working_module(plan, options, i, (mfa, src, pre))
+    keep_inputs = replayable and way.replay
     if way.way == "samples":
         if mfa.readout_factors is not None:
             module.o_proj = FactoredReadout(module.o_proj, mfa.readout_factors)
         samples = readout_samples(module, x, target, layer_args, way.folds)
         refit_from_samples_(mfa, samples, getattr(torch, run.state.out_dtype))
-        if not (replayable and way.replay):
+        if not keep_inputs:
             return mfa, None
         return mfa, [u.view(*xb.shape[:-1], -1) for u, xb in zip(samples.u.split(tokens_per_batch(x)), x, strict=True)]
     mfa.readout_factors = None  # only the samples path reads them (at 70B W_O alone is 268 MB)
-    inputs: list[torch.Tensor] | None = [] if replayable and way.replay else None
+    inputs: list[torch.Tensor] | None = [] if keep_inputs else None
     stats = readout_statistics(module, x, target, layer_args, src.bo, way.folds, inputs)
     return refit_from_statistics(mfa, stats)[0], inputs
 
