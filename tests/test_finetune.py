@@ -325,9 +325,9 @@ def one_process(student, tmp_path_factory) -> Path:
     return out
 
 
-# Runs mfakit under torchrun and prints, as the process group is destroyed, whether the trained model still lives.
+# Runs mfakit under torchrun and writes, as the process group is destroyed, whether the trained model still lives.
 MODEL_AT_DESTROY = """
-import sys, weakref
+import os, sys, weakref
 import torch.distributed as dist
 from mfakit.cli import main
 from mfakit.finetune import train
@@ -337,7 +337,9 @@ def start(*args, **kwargs):
     models.append(weakref.ref(run.model))
     return run
 def destroy(*args, **kwargs):
-    print("model alive at destroy:", models[0]() is not None, flush=True)
+    # One file per rank: the ranks share stdout, where their lines can interleave mid-line.
+    with open(os.path.join(os.path.dirname(__file__), "rank" + os.environ["RANK"]), "w") as log:
+        log.write(f"model alive at destroy: {models[0]() is not None}")
     return real_destroy(*args, **kwargs)
 train._start_run, train.dist.destroy_process_group = start, destroy
 sys.exit(main(sys.argv[1:]))
@@ -354,7 +356,7 @@ def test_two_processes_under_torchrun_equal_one_with_twice_the_batch(student, on
     args = ["finetune", str(student), str(two), "--batch-size", "2", "--eval-text", "none", *TORCHRUN_ARGS]
     result = torchrun(*args, script=(str(script),))
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.count("model alive at destroy: False") == 2, result.stdout
+    assert [(tmp_path / f"rank{rank}").read_text() for rank in (0, 1)] == ["model alive at destroy: False"] * 2
     one, two_weights = weights(one_process), weights(two)
     assert all(torch.allclose(one[k], two_weights[k], atol=1e-5) for k in one)
     config = json.loads((two / "config.json").read_text())
@@ -369,7 +371,9 @@ from mfakit.finetune import train
 train.native_bfloat16 = lambda device: os.environ["RANK"] == "0"
 real_start = train._start_run
 def start(model_path, out, options, *args, **kwargs):
-    print("rank", os.environ["RANK"], "computes in", options.dtype, flush=True)
+    # One file per rank: the ranks share stdout, where their lines can interleave mid-line.
+    with open(os.path.join(os.path.dirname(__file__), "rank" + os.environ["RANK"]), "w") as log:
+        log.write(f"rank {os.environ['RANK']} computes in {options.dtype}")
     return real_start(model_path, out, options, *args, **kwargs)
 train._start_run = start
 sys.exit(main(sys.argv[1:]))
@@ -384,10 +388,10 @@ def test_ranks_compute_in_the_dtype_rank_0_resolves(student, tmp_path):
     args = ["finetune", str(student), str(out), "--batch-size", "2", "--steps", "1", "--seq-len", "32", "--quiet"]
     result = torchrun(*args, "--dtype", "auto", "--eval-text", "none", "--parallel", "fsdp", script=(str(script),))
     assert result.returncode == 0, result.stderr[-3000:]
-    assert sorted(line for line in result.stdout.splitlines() if "computes in" in line) == [
+    assert [(tmp_path / f"rank{rank}").read_text() for rank in (0, 1)] == [
         "rank 0 computes in bfloat16",
         "rank 1 computes in bfloat16",
-    ], result.stdout
+    ]
     assert json.loads((out / "config.json").read_text())["conversion"]["finetune"]["dtype"] == "bfloat16"
 
 

@@ -381,25 +381,40 @@ def _readout_pairs(
     y: list[torch.Tensor],
     layer_args: list,
     inputs: list[torch.Tensor] | None = None,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    outputs: bool = True,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
     """Per calibration sequence: the converted attention's output-projection input u (tokens, n) on its inputs x, in
     the dtype it computes in; the source attention's output y (tokens, d) in float64; and the converted attention's
     own output (tokens, d), the product of its output projection with u, as computed; all on the module's device
-    and with the output bias (the source's, in both). With `inputs` (a list) each batch's output-projection input
-    (batch, tokens, n) is appended to it as well."""
+    and with the output bias (the source's, in both). With outputs=False the output projection is not run and the
+    third is None. With `inputs` (a list) each batch's output-projection input (batch, tokens, n) is appended to it
+    as well."""
     n = module.o_proj.in_features
-    recorded: list[tuple[torch.Tensor, torch.Tensor]] = []
-    handle = module.o_proj.register_forward_hook(lambda _m, args, out: recorded.append((args[0], out)))
+    recorded: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+
+    def record_input(_module, args):
+        recorded.append((args[0], None))
+        raise _Stop
+
+    if outputs:
+        handle = module.o_proj.register_forward_hook(lambda _m, args, out: recorded.append((args[0], out)))
+    else:
+        handle = module.o_proj.register_forward_pre_hook(record_input)
     try:
         with torch.no_grad(), computing_in(module, x[0].dtype):
             for xb, yb, (_, kwargs) in zip(x, y, layer_args, strict=True):
                 recorded.clear()
-                module(xb, attention_mask=kwargs.get("attention_mask"), position_ids=kwargs.get("position_ids"))
+                try:
+                    module(xb, attention_mask=kwargs.get("attention_mask"), position_ids=kwargs.get("position_ids"))
+                except _Stop:
+                    pass  # u is recorded: the output projection, which only the samples' residual reads, is skipped
+                u_batch, out_batch = recorded[0]
                 if inputs is not None:
-                    inputs.append(recorded[0][0])
-                for u, out, target in zip(*recorded[0], yb, strict=True):
+                    inputs.append(u_batch)
+                for row, target in enumerate(yb):
                     target = target.reshape(-1, target.shape[-1]).to(torch.float64)
-                    yield u.reshape(-1, n), target, out.reshape(target.shape)
+                    out = None if out_batch is None else out_batch[row].reshape(target.shape)
+                    yield u_batch[row].reshape(-1, n), target, out
     finally:
         handle.remove()
 
@@ -447,7 +462,7 @@ def readout_statistics(
         ReadoutStats(weight.new_zeros(n, n, dtype=torch.float64), weight.new_zeros(n, d, dtype=torch.float64), 0.0, 0)
         for _ in range(folds)
     ]
-    for row, (u, target, _) in enumerate(_readout_pairs(module, x, y, layer_args, inputs)):
+    for row, (u, target, _) in enumerate(_readout_pairs(module, x, y, layer_args, inputs, outputs=False)):
         fold = stats[row % folds]
         u, target = u.to(torch.float64), target if bias is None else target - bias
         add_gram_(fold.gram, u)

@@ -4,7 +4,6 @@ partial output folder so that a killed run continues to the same bytes."""
 
 from __future__ import annotations
 
-import io
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -64,17 +63,54 @@ def save_resume_state(partial: Path, state: ResumeState, streams: Streams) -> No
     the previous complete state), then remove older streams."""
     folder = partial / RESUME_DIR
     folder.mkdir(exist_ok=True)
-    state.streams = f"streams-{state.next_layer:05d}.pt"
-    # Serialised in memory first: a full disk then fails the plain file write with ENOSPC, not inside torch.save.
-    buffer = io.BytesIO()
-    torch.save({"source": streams.source, "converted": streams.converted}, buffer)
-    (folder / state.streams).write_bytes(buffer.getbuffer())
+    state.streams = f"streams-{state.next_layer:05d}.bin"
+    write_streams(folder / state.streams, streams)
     write_state(partial, state)
-    for old in folder.glob("streams-*.pt"):
+    for old in folder.glob("streams-*"):
         if old.name != state.streams:
             old.unlink()
 
 
+def write_streams(path: Path, streams: Streams) -> None:
+    """The streams' tensors as raw bytes, tensor by tensor, behind a header: its length (8 bytes, little-endian)
+    and JSON naming each tensor's stream, shape and dtype. Plain file writes of the tensors' own memory: no
+    serialised copy of the hidden states (300 MB a layer for SmolLM2, 2 GB at 70B) is made first, and a full disk
+    fails the write with ENOSPC's OSError."""
+    tensors = [("source", t) for t in streams.source] + [("converted", t) for t in streams.converted or []]
+    header = {
+        "converted": streams.converted is not None,
+        "tensors": [[name, list(t.shape), str(t.dtype).removeprefix("torch.")] for name, t in tensors],
+    }
+    encoded = json.dumps(header).encode()
+    with path.open("wb") as f:
+        f.write(len(encoded).to_bytes(8, "little"))
+        f.write(encoded)
+        for _, t in tensors:
+            f.write(_bytes_of(t.detach().cpu().contiguous()))
+
+
+def _bytes_of(t: torch.Tensor) -> memoryview:
+    """A contiguous CPU tensor's memory as bytes, without a copy (as the shard writer writes its tensors)."""
+    return t.reshape(-1).view(torch.uint8).numpy().data
+
+
 def load_streams(partial: Path, state: ResumeState, device: str) -> Streams:
-    saved = torch.load(partial / RESUME_DIR / state.streams, map_location=device, weights_only=True)
-    return Streams(source=saved["source"], converted=saved["converted"])
+    """The streams `write_streams` saved, on `device`; a short or malformed file is refused."""
+    path = partial / RESUME_DIR / state.streams
+    loaded: dict[str, list[torch.Tensor]] = {"source": [], "converted": []}
+    with path.open("rb") as f:
+        try:
+            length = int.from_bytes(f.read(8), "little")
+            if length > path.stat().st_size - 8:
+                raise ValueError("its header ends early")
+            header = json.loads(f.read(length))
+            for name, shape, dtype in header["tensors"]:
+                t = torch.empty(shape, dtype=getattr(torch, dtype))
+                if f.readinto(_bytes_of(t)) != t.numel() * t.element_size():
+                    raise ValueError("it ends early")
+                loaded[name].append(t.to(device))
+        except (ValueError, KeyError, TypeError, AttributeError, RuntimeError) as err:
+            raise ResumeError(
+                f"{path} is not a complete resume state ({err}); run without --resume to start over"
+            ) from err
+    return Streams(source=loaded["source"], converted=loaded["converted"] if header["converted"] else None)
