@@ -180,6 +180,12 @@ def all_finite(tensor: torch.Tensor) -> bool:
     return True
 
 
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """A tensor's memory as bytes: a view of it, without a copy, for a contiguous CPU tensor (which may then be read
+    into through it); else of a contiguous CPU copy."""
+    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data
+
+
 class ShardedWriter:
     """Streams tensors into safetensors shards of at most max_shard_bytes.
 
@@ -264,7 +270,7 @@ class ShardedWriter:
             self.flush()
         with open(self._data_path(), "ab") as f:
             for block in _row_blocks(tensor):
-                f.write(block.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+                f.write(tensor_bytes(block))
         dtype = SAFETENSORS_DTYPES[tensor.dtype]
         self.entries.append([name, dtype, list(tensor.shape), [self.data_bytes, self.data_bytes + size]])
         self.names.add(name)

@@ -325,6 +325,11 @@ def one_process(student, tmp_path_factory) -> Path:
     return out
 
 
+def rank_lines(folder: Path) -> list[str]:
+    """The line each of the two torchrun ranks wrote to its own file `rank<RANK>` in `folder`, by rank."""
+    return [(folder / f"rank{rank}").read_text() for rank in (0, 1)]
+
+
 # Runs mfakit under torchrun and writes, as the process group is destroyed, whether the trained model still lives.
 MODEL_AT_DESTROY = """
 import os, sys, weakref
@@ -356,7 +361,7 @@ def test_two_processes_under_torchrun_equal_one_with_twice_the_batch(student, on
     args = ["finetune", str(student), str(two), "--batch-size", "2", "--eval-text", "none", *TORCHRUN_ARGS]
     result = torchrun(*args, script=(str(script),))
     assert result.returncode == 0, result.stderr[-3000:]
-    assert [(tmp_path / f"rank{rank}").read_text() for rank in (0, 1)] == ["model alive at destroy: False"] * 2
+    assert rank_lines(tmp_path) == ["model alive at destroy: False"] * 2
     one, two_weights = weights(one_process), weights(two)
     assert all(torch.allclose(one[k], two_weights[k], atol=1e-5) for k in one)
     config = json.loads((two / "config.json").read_text())
@@ -388,7 +393,7 @@ def test_ranks_compute_in_the_dtype_rank_0_resolves(student, tmp_path):
     args = ["finetune", str(student), str(out), "--batch-size", "2", "--steps", "1", "--seq-len", "32", "--quiet"]
     result = torchrun(*args, "--dtype", "auto", "--eval-text", "none", "--parallel", "fsdp", script=(str(script),))
     assert result.returncode == 0, result.stderr[-3000:]
-    assert [(tmp_path / f"rank{rank}").read_text() for rank in (0, 1)] == [
+    assert rank_lines(tmp_path) == [
         "rank 0 computes in bfloat16",
         "rank 1 computes in bfloat16",
     ]

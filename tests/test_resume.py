@@ -129,3 +129,12 @@ def test_damaged_streams_are_refused_and_left_as_they_are(tmp_path, cut):
     with pytest.raises(ResumeError, match="not a complete resume state.*without --resume"):
         load_streams(tmp_path, state, "cpu")
     assert path.read_bytes() == damaged
+
+
+def test_streams_header_without_its_fields_is_refused(tmp_path):
+    state = ResumeState(settings={}, next_layer=1, streams="streams-00001.bin")
+    header = b'{"tensors": []}'
+    (tmp_path / RESUME_DIR).mkdir()
+    (tmp_path / RESUME_DIR / state.streams).write_bytes(len(header).to_bytes(8, "little") + header)
+    with pytest.raises(ResumeError, match="not a complete resume state.*'converted'"):
+        load_streams(tmp_path, state, "cpu")

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from mfakit.checkpoint import tensor_bytes
 from mfakit.convert.calibration import Streams
 from mfakit.errors import MfakitError
 from mfakit.outputs import replace_file
@@ -86,12 +87,7 @@ def write_streams(path: Path, streams: Streams) -> None:
         f.write(len(encoded).to_bytes(8, "little"))
         f.write(encoded)
         for _, t in tensors:
-            f.write(_bytes_of(t.detach().cpu().contiguous()))
-
-
-def _bytes_of(t: torch.Tensor) -> memoryview:
-    """A contiguous CPU tensor's memory as bytes, without a copy (as the shard writer writes its tensors)."""
-    return t.reshape(-1).view(torch.uint8).numpy().data
+            f.write(tensor_bytes(t))
 
 
 def load_streams(partial: Path, state: ResumeState, device: str) -> Streams:
@@ -106,11 +102,12 @@ def load_streams(partial: Path, state: ResumeState, device: str) -> Streams:
             header = json.loads(f.read(length))
             for name, shape, dtype in header["tensors"]:
                 t = torch.empty(shape, dtype=getattr(torch, dtype))
-                if f.readinto(_bytes_of(t)) != t.numel() * t.element_size():
+                if f.readinto(tensor_bytes(t)) != t.numel() * t.element_size():
                     raise ValueError("it ends early")
                 loaded[name].append(t.to(device))
+            converted = loaded["converted"] if header["converted"] else None
         except (ValueError, KeyError, TypeError, AttributeError, RuntimeError) as err:
             raise ResumeError(
                 f"{path} is not a complete resume state ({err}); run without --resume to start over"
             ) from err
-    return Streams(source=loaded["source"], converted=loaded["converted"] if header["converted"] else None)
+    return Streams(source=loaded["source"], converted=converted)
