@@ -325,14 +325,24 @@ def one_process(student, tmp_path_factory) -> Path:
     return out
 
 
+# Defines write_rank_line(text) in a torchrun script: each rank writes its line to its own file `rank<RANK>` beside
+# the script, because the ranks share stdout, where their lines can interleave mid-line.
+WRITE_RANK_LINE = """
+import os
+def write_rank_line(text):
+    with open(os.path.join(os.path.dirname(__file__), "rank" + os.environ["RANK"]), "w") as log:
+        log.write(text)
+"""
+
+
 def rank_lines(folder: Path) -> list[str]:
-    """The line each of the two torchrun ranks wrote to its own file `rank<RANK>` in `folder`, by rank."""
+    """The line each of the two torchrun ranks wrote with `write_rank_line` (scripts in `folder`), by rank."""
     return [(folder / f"rank{rank}").read_text() for rank in (0, 1)]
 
 
 # Runs mfakit under torchrun and writes, as the process group is destroyed, whether the trained model still lives.
 MODEL_AT_DESTROY = """
-import os, sys, weakref
+import sys, weakref
 import torch.distributed as dist
 from mfakit.cli import main
 from mfakit.finetune import train
@@ -342,9 +352,7 @@ def start(*args, **kwargs):
     models.append(weakref.ref(run.model))
     return run
 def destroy(*args, **kwargs):
-    # One file per rank: the ranks share stdout, where their lines can interleave mid-line.
-    with open(os.path.join(os.path.dirname(__file__), "rank" + os.environ["RANK"]), "w") as log:
-        log.write(f"model alive at destroy: {models[0]() is not None}")
+    write_rank_line(f"model alive at destroy: {models[0]() is not None}")
     return real_destroy(*args, **kwargs)
 train._start_run, train.dist.destroy_process_group = start, destroy
 sys.exit(main(sys.argv[1:]))
@@ -357,7 +365,7 @@ def test_two_processes_under_torchrun_equal_one_with_twice_the_batch(student, on
     rank frees its model (and DDP's reducer) before it destroys the process group: freed after, the reducer's
     destructor can deadlock with gloo's worker threads on the GIL."""
     two, script = tmp_path / "two", tmp_path / "watch.py"
-    script.write_text(MODEL_AT_DESTROY)
+    script.write_text(WRITE_RANK_LINE + MODEL_AT_DESTROY)
     args = ["finetune", str(student), str(two), "--batch-size", "2", "--eval-text", "none", *TORCHRUN_ARGS]
     result = torchrun(*args, script=(str(script),))
     assert result.returncode == 0, result.stderr[-3000:]
@@ -376,9 +384,7 @@ from mfakit.finetune import train
 train.native_bfloat16 = lambda device: os.environ["RANK"] == "0"
 real_start = train._start_run
 def start(model_path, out, options, *args, **kwargs):
-    # One file per rank: the ranks share stdout, where their lines can interleave mid-line.
-    with open(os.path.join(os.path.dirname(__file__), "rank" + os.environ["RANK"]), "w") as log:
-        log.write(f"rank {os.environ['RANK']} computes in {options.dtype}")
+    write_rank_line(f"rank {os.environ['RANK']} computes in {options.dtype}")
     return real_start(model_path, out, options, *args, **kwargs)
 train._start_run = start
 sys.exit(main(sys.argv[1:]))
@@ -389,7 +395,7 @@ def test_ranks_compute_in_the_dtype_rank_0_resolves(student, tmp_path):
     """--dtype auto is resolved once, by rank 0, for every rank: ranks whose hardware differs still load and
     autocast alike (sharded, a teacher in two dtypes would break the collectives)."""
     out, script = tmp_path / "auto", tmp_path / "hardware.py"
-    script.write_text(DIFFERENT_HARDWARE)
+    script.write_text(WRITE_RANK_LINE + DIFFERENT_HARDWARE)
     args = ["finetune", str(student), str(out), "--batch-size", "2", "--steps", "1", "--seq-len", "32", "--quiet"]
     result = torchrun(*args, "--dtype", "auto", "--eval-text", "none", "--parallel", "fsdp", script=(str(script),))
     assert result.returncode == 0, result.stderr[-3000:]
