@@ -12,12 +12,13 @@ from pathlib import Path
 
 from mfakit.checkpoint import CheckpointError
 from mfakit.convert import PLAIN_METHOD, ConversionMethod, ConvertOptions
+from mfakit.convert.allocate import PROBE_SEQ_LEN, PROBE_WINDOWS
 from mfakit.convert.plan import DEFAULT_CALIBRATION_TOKENS, KEY_FRACTION
 from mfakit.errors import MfakitError, OptionsError
 from mfakit.finetune import FinetuneOptions
 from mfakit.finetune.train import LR, LR_BELOW_HALF, PARALLEL
 from mfakit.model.modeling_mfa import VARIANTS
-from mfakit.texts import BUILTINS, TextSource, TextSourceError
+from mfakit.texts import BUILTINS, DEFAULT_CALIBRATION, TextSource, TextSourceError
 
 EVAL_DTYPES = ("float32", "bfloat16", "float16")
 
@@ -86,9 +87,7 @@ def _text_sources(args: argparse.Namespace) -> list[TextSource]:
     return [TextSource("builtin", args.builtin or BUILTINS[0])]
 
 
-def cmd_convert(args: argparse.Namespace) -> None:
-    from mfakit.convert import convert
-
+def _convert_options(args: argparse.Namespace) -> ConvertOptions:
     method = PLAIN_METHOD
     if not args.plain:
         method = ConversionMethod(
@@ -100,7 +99,7 @@ def cmd_convert(args: argparse.Namespace) -> None:
             logit_scale=args.logit_scale,
             attention_weight=args.attention_weight,
         )
-    options = ConvertOptions(
+    return ConvertOptions(
         variant=args.variant,
         kv_ratio=args.kv_ratio,
         kv_dim=args.kv_dim,
@@ -114,11 +113,28 @@ def cmd_convert(args: argparse.Namespace) -> None:
         approximate_qk_norm=args.approximate_qk_norm,
         max_shard_mb=args.max_shard_mb,
         refit_memory_gb=args.refit_memory_gb,
-        overwrite=args.overwrite,
-        resume=args.resume,
+        overwrite=getattr(args, "overwrite", False),
+        resume=getattr(args, "resume", False),
         progress=not args.quiet,
     )
-    print("\n".join(convert(args.source, args.out, options).lines()))
+
+
+def cmd_convert(args: argparse.Namespace) -> None:
+    from mfakit.convert import convert
+
+    print("\n".join(convert(args.source, args.out, _convert_options(args)).lines()))
+
+
+def cmd_allocate(args: argparse.Namespace) -> None:
+    from mfakit.convert.allocate import allocate
+
+    if args.out and Path(args.out).exists() and not args.overwrite:
+        raise OptionsError(f"{args.out} exists: pass --overwrite to replace it")
+    options = _convert_options(args)
+    result = allocate(args.source, options, args.work, tuple(args.probe), args.probe_windows, args.probe_seq_len)
+    if args.out:
+        Path(args.out).write_text(json.dumps(asdict(result), indent=2) + "\n")
+    print("\n".join(result.lines()))
 
 
 def cmd_finetune(args: argparse.Namespace) -> None:
@@ -206,14 +222,60 @@ def cmd_eval_compare(args: argparse.Namespace) -> None:
             print(f"wrote {path}")
 
 
+def _kv_dims(text: str) -> int | tuple[int, ...]:
+    """--kv-dim: one width, or one per layer separated by commas."""
+    try:
+        widths = tuple(int(w) for w in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or integers separated by commas, got {text!r}") from None
+    return widths[0] if len(widths) == 1 else widths
+
+
 def _add_convert(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("convert", help="convert an MHA/GQA checkpoint to MFA or MFA-KR")
     p.add_argument("source", help="checkpoint folder or hub name")
     p.add_argument("out", help="output folder")
+    _add_conversion(p)
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue a killed conversion into OUT after its last finished layer (same settings)",
+    )
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_convert)
+    p = sub.add_parser(
+        "allocate",
+        help="choose a latent width per layer at a budget by the swap probe (three conversions; docs/method.md)",
+    )
+    p.add_argument("source", help="checkpoint folder or hub name")
+    _add_conversion(p)
+    g = p.add_argument_group("the swap probe")
+    g.add_argument("--work", help="folder for the three uniform conversions, kept (default: a temporary folder)")
+    g.add_argument(
+        "--probe",
+        nargs="+",
+        default=list(DEFAULT_CALIBRATION),
+        metavar="SPEC",
+        help="probe text specs (a built-in corpus: its training part, disjoint from calibration; default: %(default)s)",
+    )
+    g.add_argument("--probe-windows", type=int, default=PROBE_WINDOWS, help="(default: %(default)s)")
+    g.add_argument("--probe-seq-len", type=int, default=PROBE_SEQ_LEN, help="(default: %(default)s)")
+    g.add_argument("--out", metavar="FILE", help="also write the widths and the probe's measurements as JSON")
+    g.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    p.set_defaults(func=cmd_allocate)
+
+
+def _add_conversion(p: argparse.ArgumentParser) -> None:
+    """The budget, calibration and method options that `convert` and `allocate` share."""
     p.add_argument("--variant", choices=VARIANTS, required=True)
     budget = p.add_mutually_exclusive_group(required=True)
     budget.add_argument("--kv-ratio", type=float, help="KV cache relative to the source's (1.0: exact)")
-    budget.add_argument("--kv-dim", type=int, help="latent width C of every layer")
+    budget.add_argument(
+        "--kv-dim",
+        type=_kv_dims,
+        metavar="C[,C...]",
+        help="latent width C of every layer, or one per layer separated by commas (as `mfakit allocate` prints)",
+    )
     p.add_argument("--share-q-dim", type=int, help="rank of the shared query down-projection (default: unfactored)")
     p.add_argument(
         "--calib",
@@ -273,15 +335,8 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
         "sequences as fit), else skipped (default: %(default)s)",
     )
     p.add_argument("--max-shard-mb", type=float, default=CONVERT["max_shard_mb"], help="(default: %(default)s)")
-    p.add_argument(
-        "--resume",
-        action="store_true",
-        help="continue a killed conversion into OUT after its last finished layer (same settings)",
-    )
-    p.add_argument("--overwrite", action="store_true")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_device(p, ("float32", "bfloat16"), CONVERT["dtype"])
-    p.set_defaults(func=cmd_convert)
 
 
 def _add_finetune(sub: argparse._SubParsersAction) -> None:

@@ -155,7 +155,8 @@ class ConvertOptions:
     """Everything `convert` takes besides the source and output folders; checked when made, before any download.
 
     variant: "mfa" or "mfa-kr". kv_ratio (KV cache relative to the source's, 1.0: exact) or kv_dim (the latent
-    width C): exactly one. share_q_dim: rank of a shared query down-projection (None: unfactored). calibration:
+    width C: one for every layer, or a sequence of one per layer, e.g. from `mfakit.convert.allocate`): exactly
+    one. share_q_dim: rank of a shared query down-projection (None: unfactored). calibration:
     one or more text specs (see `mfakit.texts`; several are mixed in equal shares), read for calibration_tokens
     tokens (None: `calibration_token_count`'s default) in windows of calibration_seq_len.
     device, dtype: where the calibration forward passes and the factorization math run, and the forward passes'
@@ -168,7 +169,7 @@ class ConvertOptions:
 
     variant: str = "mfa-kr"
     kv_ratio: float | None = None
-    kv_dim: int | None = None
+    kv_dim: int | tuple[int, ...] | None = None
     share_q_dim: int | None = None
     method: ConversionMethod = field(default_factory=ConversionMethod)
     calibration: tuple[str, ...] = DEFAULT_CALIBRATION
@@ -184,6 +185,10 @@ class ConvertOptions:
     progress: bool = True
 
     def __post_init__(self) -> None:
+        if self.kv_dim is not None and not isinstance(self.kv_dim, int):
+            object.__setattr__(self, "kv_dim", tuple(self.kv_dim))
+            if not self.kv_dim:
+                raise BudgetError("kv_dim: give at least one width")
         if isinstance(self.calibration, str):
             object.__setattr__(self, "calibration", (self.calibration,))
         object.__setattr__(self, "calibration", tuple(self.calibration))
@@ -195,8 +200,8 @@ class ConvertOptions:
             raise BudgetError("give exactly one of kv_ratio and kv_dim")
         if self.kv_ratio is not None and not 0 < self.kv_ratio <= 1:
             raise BudgetError(f"kv_ratio must be in (0, 1], got {self.kv_ratio} (1.0 is the exact conversion)")
-        if self.kv_dim is not None and (self.kv_dim < 2 or self.kv_dim % 2):
-            raise BudgetError(f"kv_dim must be an even number >= 2 (one RoPE channel pair), got {self.kv_dim}")
+        for width in self.layer_kv_dims or ():
+            check_kv_dim(width)
         if self.share_q_dim is not None and self.share_q_dim < 1:
             raise OptionsError(f"share_q_dim must be positive, got {self.share_q_dim}")
         if self.calibration_seq_len < 1 or (
@@ -219,6 +224,19 @@ class ConvertOptions:
     @property
     def max_shard_bytes(self) -> int:
         return int(self.max_shard_mb * 1024**2)
+
+    @property
+    def layer_kv_dims(self) -> tuple[int, ...] | None:
+        """The kv_dim widths as given, one or one per layer (None: the budget is a kv_ratio)."""
+        if self.kv_dim is None:
+            return None
+        return (self.kv_dim,) if isinstance(self.kv_dim, int) else self.kv_dim
+
+
+def check_kv_dim(kv_dim: object) -> None:
+    """Refuse a latent width that is not an even integer >= 2 (one RoPE channel pair)."""
+    if isinstance(kv_dim, bool) or not isinstance(kv_dim, int) or kv_dim < 2 or kv_dim % 2:
+        raise BudgetError(f"kv_dim must be an even number >= 2 (one RoPE channel pair), got {kv_dim!r}")
 
 
 def _even(x: float) -> int:
@@ -260,13 +278,25 @@ def plan_widths(
             return _even(total), 0
         C = min(_even(keys), key_width)
         return C, min(value_width, round(total) - C)
+    check_kv_dim(kv_dim)
     if kv_dim > exact:
         raise BudgetError(f"kv_dim {kv_dim} is above the exact budget of this model ({variant}: C = {exact})")
-    if kv_dim < 2 or kv_dim % 2:
-        raise BudgetError(f"kv_dim must be an even number >= 2 (one RoPE channel pair), got {kv_dim}")
     if variant == "mfa":
         return kv_dim, (value_width if kv_dim == key_width else min(kv_dim, value_width))
     return kv_dim, 0
+
+
+def layer_widths(options: ConvertOptions, kv_width: int, n_layers: int) -> list[tuple[int, int]]:
+    """(kv_dim, v_dim) of each of n_layers layers whose keys and values are each kv_width (g*d_h) wide: the
+    budget's `plan_widths` for every layer, or each layer's own when kv_dim gives one per layer."""
+    key_share = options.method.key_share(options.variant)
+    given = options.layer_kv_dims
+    if given is None or len(given) == 1:
+        kv_dim = None if given is None else given[0]
+        return [plan_widths(options.variant, kv_width, kv_width, options.kv_ratio, kv_dim, key_share)] * n_layers
+    if len(given) != n_layers:
+        raise BudgetError(f"kv_dim gives {len(given)} widths for a model of {n_layers} layers: give one per layer")
+    return [plan_widths(options.variant, kv_width, kv_width, None, w, key_share) for w in given]
 
 
 def is_exact(src: fz.SourceAttention, variant: str, kv_dim: int, v_dim: int) -> bool:
@@ -313,8 +343,7 @@ class ConversionPlan:
     ckpt: LazyCheckpoint
     shape: HeadShape
     rope: list[tuple[torch.Tensor, float]]  # per layer: RoPE frequencies (P,) and cos/sin scaling
-    kv_dim: int
-    v_dim: int
+    widths: list[tuple[int, int]]  # per layer: (kv_dim, v_dim)
     softcap: float | None
     nope_context: int
     approximate_qk_norm: bool
@@ -332,7 +361,14 @@ class ConversionPlan:
 
     def describe(self, variant: str) -> list[str]:
         """What was detected and what will be done, one line each."""
-        widths = f"kv_dim {self.kv_dim}" + (f", v_dim {self.v_dim}" if variant == "mfa" else "")
+        kv_dims = [w[0] for w in self.widths]
+        if len(set(self.widths)) == 1:
+            kv_dim, v_dim = self.widths[0]
+            widths = f"kv_dim {kv_dim}" + (f", v_dim {v_dim}" if variant == "mfa" else "")
+        else:
+            widths = f"kv_dim {min(kv_dims)}..{max(kv_dims)} per layer ({sum(kv_dims)} in all)"
+            if variant == "mfa":
+                widths += f", v_dim {sum(w[1] for w in self.widths)} in all"
         return [
             describe(self.layout, self.config, self.shape, self.rope, self.approximate_qk_norm),
             f"plan: {self.n_layers} layers to {variant}, {widths}",
@@ -363,8 +399,7 @@ def plan_conversion(source: str | Path, options: ConvertOptions) -> ConversionPl
     check_attention(layout, skeleton, ckpt, config.num_hidden_layers)
     shape = head_shape(layout, skeleton.get_submodule(layout.attention_prefix(0)), config)
     kv_width = shape.num_kv_heads * shape.head_dim
-    key_share = options.method.key_share(options.variant)
-    kv_dim, v_dim = plan_widths(options.variant, kv_width, kv_width, options.kv_ratio, options.kv_dim, key_share)
+    widths = layer_widths(options, kv_width, config.num_hidden_layers)
     d1 = config.hidden_size + 1
     if options.share_q_dim is not None and layout.qk_norm and not options.approximate_qk_norm:
         raise OptionsError(
@@ -383,8 +418,7 @@ def plan_conversion(source: str | Path, options: ConvertOptions) -> ConversionPl
         ckpt=ckpt,
         shape=shape,
         rope=rope_tables(layout, config, skeleton),
-        kv_dim=kv_dim,
-        v_dim=v_dim,
+        widths=widths,
         softcap=logit_softcap(layout, config),
         nope_context=options.method.nope_context or config.max_position_embeddings,
         approximate_qk_norm=options.approximate_qk_norm,

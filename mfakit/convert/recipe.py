@@ -9,6 +9,7 @@ projection, write the converted tensors, advance the hidden states, and free it.
 from __future__ import annotations
 
 import ctypes
+import json
 import logging
 import shutil
 import time
@@ -188,7 +189,7 @@ def _resume_settings(plan: ConversionPlan, options: ConvertOptions, calibration:
     settings = {"source": str(plan.folder.resolve())}
     settings.update((k, v) for k, v in asdict(options).items() if k not in NOT_RESUME_SETTINGS)
     settings.update(calibration=calibration, calibration_tokens=tokens, mfakit_version=__version__)
-    return settings
+    return json.loads(json.dumps(settings))  # as the resume state reads it back (a tuple of widths: a list)
 
 
 @contextmanager
@@ -293,7 +294,8 @@ def convert_one_layer(
         qk_norm=plan.qk_norm,
         calib_inputs=x,
     )
-    exact = is_exact(src, options.variant, plan.kv_dim, plan.v_dim)
+    kv_dim, v_dim = plan.widths[i]
+    exact = is_exact(src, options.variant, kv_dim, v_dim)
     with computing_in(attention, compute):
         inputs = normalised_inputs(layout, attention, plan.config, x) if pre else x
         sigma = second_moment(inputs)
@@ -301,11 +303,11 @@ def convert_one_layer(
         if weigh and not exact:
             kv_sigma = second_moment(inputs, attention_weights(source_run.attn_mass, method.attention_weight))
     layer.to("meta")
-    mfa = convert_layer(src, sigma, options.variant, plan.kv_dim, plan.v_dim, method, plan.nope_context, kv_sigma)
+    mfa = convert_layer(src, sigma, options.variant, kv_dim, v_dim, method, plan.nope_context, kv_sigma)
     del kv_sigma
     src = src.without_weights()
     fz.balance_(mfa, sigma)
-    share = layer_cache_share(src, options.variant, plan.kv_dim, plan.v_dim)
+    share = layer_cache_share(src, options.variant, kv_dim, v_dim)
     scale = 1.0 if exact else method.logit_scale_at(share, options.variant)
     tune = method.tune_steps > 0 and not exact and pre is None
     # The sequential pass replays the refit's attention only where it is the written one: not after a logit factor
