@@ -5,8 +5,10 @@ used for a decision), the worst report domain, and the built-in held-out split b
 
     python scripts/bench_quality.py --out bench-out/quality                         # the headline table
     python scripts/bench_quality.py --ratios 0.25 --variants mfa-kr --sets development --methods default
+    python scripts/bench_quality.py --ratios 0.125 --variants mfa-kr --methods allocated  # a C per layer (slow)
 
-Writes quality.md and quality.json into --out.
+Writes quality.md and quality.json into --out. The method `allocated` is the default method at a latent width per
+layer chosen by `mfakit allocate` (MFA-KR only; its time includes the probe's three conversions).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from benchlib import BUILTIN, evaluate, machine_name, smollm2, summarize, write_
 from domains import DEVELOPMENT, REPORT
 from domains import build as build_domains
 from mfakit.convert import PLAIN_METHOD, ConversionMethod, ConvertOptions, convert
+from mfakit.convert.allocate import allocate
 
 
 def table(rows: list[dict], names: list[str]) -> list[str]:
@@ -48,7 +51,7 @@ def main() -> None:
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.5, 0.25, 0.125])
     parser.add_argument("--variants", nargs="+", default=["mfa-kr", "mfa"])
     parser.add_argument("--eval-tokens", type=int, default=8192, help="tokens scored per domain")
-    parser.add_argument("--methods", nargs="+", default=["default", "plain"], choices=["default", "plain"])
+    parser.add_argument("--methods", nargs="+", default=["default", "plain"], choices=["default", "plain", "allocated"])
     args = parser.parse_args()
     torch.manual_seed(0)
     source = args.source or smollm2(args.work)
@@ -57,13 +60,18 @@ def main() -> None:
     domains = {name: args.domains_dir / f"{name}.txt" for name in wanted}
     reference = evaluate(source, domains, args.eval_tokens)
     rows = [{"name": "source", "kv_ratio": 1.0, **summarize(reference, reference), "ppl": reference["ppl"]}]
-    methods = {k: v for k, v in {"default": ConversionMethod(), "plain": PLAIN_METHOD}.items() if k in args.methods}
+    methods = {"default": ConversionMethod(), "plain": PLAIN_METHOD, "allocated": ConversionMethod()}
     for variant in args.variants:
         for ratio in args.ratios:
-            for label, method in methods.items():
+            for label in args.methods:
                 out = args.work / f"quality-{variant}-{ratio}-{label}"
-                options = ConvertOptions(variant=variant, kv_ratio=ratio, method=method, overwrite=True, progress=False)
+                options = ConvertOptions(
+                    variant=variant, kv_ratio=ratio, method=methods[label], overwrite=True, progress=False
+                )
                 start = time.time()
+                if label == "allocated":
+                    widths = allocate(source, options, args.work / f"allocate-{variant}-{ratio}").kv_dim
+                    options = ConvertOptions(variant=variant, kv_dim=tuple(widths), overwrite=True, progress=False)
                 convert(source, out, options)
                 seconds = time.time() - start
                 result = evaluate(out, domains, args.eval_tokens)

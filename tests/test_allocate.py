@@ -166,7 +166,7 @@ def uniform(tmp_path_factory, tokenizer):
 
 def test_the_probe_measures_nothing_when_the_layers_are_the_same(uniform):
     ids = torch.randint(0, 384, (3, 32), generator=torch.Generator().manual_seed(0))
-    probe = swap_probe((uniform("llama-gqa")[16],) * 3, ids, "cpu", progress=False)
+    probe = swap_probe((uniform("llama-gqa")[16],) * 3, ids, "cpu")
     assert probe.narrow == [0.0] * 4 and probe.wide == [0.0] * 4 and probe.widths == (16, 16, 16)
 
 
@@ -190,7 +190,7 @@ def test_each_swap_is_the_checkpoint_with_that_layer_replaced(uniform, tmp_path,
     sliding-window attention type that its forward reads)."""
     uniform = uniform(kind)
     ids = torch.randint(0, 384, (5, 48), generator=torch.Generator().manual_seed(1))
-    probe = swap_probe((uniform[8], uniform[16], uniform[32]), ids, "cpu", progress=False)
+    probe = swap_probe((uniform[8], uniform[16], uniform[32]), ids, "cpu")
     for layer, donor, measured in ((2, 8, probe.narrow), (1, 32, probe.wide)):
         model = load_model(spliced(uniform[16], uniform[donor], layer, tmp_path / f"{layer}-{donor}"))
         assert mean_loss(model, list(ids.split(2))) - probe.loss == pytest.approx(measured[layer], abs=1e-6)

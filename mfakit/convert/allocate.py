@@ -74,8 +74,8 @@ def knapsack_widths(
 ) -> tuple[list[int], float]:
     """Each layer's width among widths = (n, c, w), n < c < w, minimising the summed loss change (narrow[l] if
     layer l is n, wide[l] if w, 0 if c) subject to sum of widths <= L * c, the layers in `held` at c; returns the
-    widths and their summed change. Exact: dynamic programming over the total width in units of gcd(n, c, w); ties
-    keep c, then the narrower width."""
+    widths and their summed change. Exact: dynamic programming over the total width in units of gcd(n, c, w),
+    O(L^2 w / gcd) work; ties are broken deterministically."""
     n_width, c_width, w_width = widths
     if not 0 < n_width < c_width < w_width or len(narrow) != len(wide):
         raise ValueError("widths must be increasing and positive, and narrow and wide one change per layer each")
@@ -98,11 +98,14 @@ def knapsack_widths(
     return chosen, cost
 
 
-def swap_probe(paths: tuple[Path, Path, Path], windows: torch.Tensor, device: str, progress: bool) -> SwapProbe:
+def swap_probe(
+    paths: tuple[Path, Path, Path], windows: torch.Tensor, device: str, dtype: str = "float32", progress: bool = False
+) -> SwapProbe:
     """The loss changes of swapping each layer's attention of the uniform conversion (paths[1]) for the narrow
-    (paths[0]) and the wide (paths[2]) conversion's, on `windows` (n, tokens). Holds two models at a time; the
-    layers before a swapped one replay their recorded outputs (`PrefixReplay`) instead of running again."""
-    base = load_model(paths[1], device)
+    (paths[0]) and the wide (paths[2]) conversion's, on `windows` (n, tokens), the models loaded on `device` in
+    `dtype`. Holds two models and every layer's output on the windows; the layers before a swapped one replay
+    their recorded outputs (`PrefixReplay`) instead of running again."""
+    base = load_model(paths[1], device, dtype)
     layers = base.get_submodule(base.config.layers_path)
     name = base.config.attention_name
     batches = [batch.to(device) for batch in windows.split(PROBE_BATCH)]
@@ -112,7 +115,7 @@ def swap_probe(paths: tuple[Path, Path, Path], windows: torch.Tensor, device: st
     changes: dict[int, list[float]] = {}
     bar = tqdm(total=2 * len(layers), desc="swap probe", disable=not progress, unit="swap")
     for side in (0, 2):
-        other = load_model(paths[side], device).get_submodule(base.config.layers_path)
+        other = load_model(paths[side], device, dtype).get_submodule(base.config.layers_path)
         changes[side] = []
         for i, (layer, donor) in enumerate(zip(layers, other, strict=True)):
             own = getattr(layer, name)
@@ -246,6 +249,6 @@ def allocate(
             convert(source, path, replace(options, kv_ratio=None, kv_dim=width, overwrite=True, resume=False))
         ids, described = mixed_windows(load_tokenizer(paths[1]), sources, probe_windows, probe_seq_len, "training")
         logger.info(f"allocate: probe text {described}, {ids.numel():,} tokens")
-        measured = swap_probe(paths, ids, options.device, options.progress)
+        measured = swap_probe(paths, ids, options.device, options.dtype, options.progress)
     kv_dim, predicted = knapsack_widths(measured.narrow, measured.wide, measured.widths)
     return Allocation(kv_dim=kv_dim, probe=measured, predicted=predicted)
