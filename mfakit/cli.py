@@ -12,7 +12,7 @@ from pathlib import Path
 
 from mfakit.checkpoint import CheckpointError
 from mfakit.convert import PLAIN_METHOD, ConversionMethod, ConvertOptions
-from mfakit.convert.allocate import PROBE_SEQ_LEN, PROBE_WINDOWS
+from mfakit.convert.allocate import PROBE_CALIBRATION_TOKENS, PROBE_SEQ_LEN, PROBE_WINDOWS
 from mfakit.convert.plan import DEFAULT_CALIBRATION_TOKENS, KEY_FRACTION
 from mfakit.errors import MfakitError, OptionsError
 from mfakit.finetune import FinetuneOptions
@@ -131,7 +131,8 @@ def cmd_allocate(args: argparse.Namespace) -> None:
     if args.out and Path(args.out).exists() and not args.overwrite:
         raise OptionsError(f"{args.out} exists: pass --overwrite to replace it")
     options = _convert_options(args)
-    result = allocate(args.source, options, args.work, tuple(args.probe), args.probe_windows, args.probe_seq_len)
+    probe = (tuple(args.probe), args.probe_windows, args.probe_seq_len, args.probe_calib_tokens)
+    result = allocate(args.source, options, args.work, *probe)
     if args.out:
         Path(args.out).write_text(json.dumps(asdict(result), indent=2) + "\n")
     print("\n".join(result.lines()))
@@ -260,6 +261,12 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
     )
     g.add_argument("--probe-windows", type=int, default=PROBE_WINDOWS, help="(default: %(default)s)")
     g.add_argument("--probe-seq-len", type=int, default=PROBE_SEQ_LEN, help="(default: %(default)s)")
+    g.add_argument(
+        "--probe-calib-tokens",
+        type=int,
+        default=PROBE_CALIBRATION_TOKENS,
+        help="calibration tokens of the three conversions at most (default: %(default)s)",
+    )
     g.add_argument("--out", metavar="FILE", help="also write the widths and the probe's measurements as JSON")
     g.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.set_defaults(func=cmd_allocate)

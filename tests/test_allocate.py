@@ -203,9 +203,11 @@ def test_allocation_end_to_end(trained_tiny, tmp_path, capsys):
     result = tmp_path / "allocation.json"
     argv = ["allocate", str(trained_tiny), "--variant", "mfa-kr", "--kv-dim", "16", *QUICK_CALIB]
     argv += ["--work", str(tmp_path / "work"), "--probe-windows", "3", "--probe-seq-len", "64", "--out", str(result)]
-    assert main(argv) == 0
+    assert main([*argv, "--probe-calib-tokens", "256"]) == 0
     printed = capsys.readouterr().out.strip().splitlines()
     assert sorted(p.name for p in (tmp_path / "work").iterdir()) == ["kv_dim-16", "kv_dim-32", "kv_dim-8"]
+    for uniform in (tmp_path / "work").iterdir():  # the probe's conversions calibrate on fewer tokens
+        assert json.loads((uniform / "config.json").read_text())["conversion"]["calibration_tokens"] == 256
     allocation = json.loads(result.read_text())
     probe = allocation["probe"]
     assert probe["widths"] == [8, 16, 32] and len(probe["narrow"]) == len(probe["wide"]) == 2
@@ -224,6 +226,8 @@ def test_allocation_refuses_what_it_cannot_allocate(four_layers, tmp_path):
         allocate(four_layers, replace(OPTIONS, kv_dim=(16, 16, 8, 8)), tmp_path / "work")
     with pytest.raises(MfakitError, match="a window of at least 2 tokens from each of its 3 texts, got 2 of 512"):
         allocate(four_layers, OPTIONS, tmp_path / "work", probe_windows=2)
+    with pytest.raises(MfakitError, match=r"probe_calibration_tokens \(64\) must be at least one calibration window"):
+        allocate(four_layers, OPTIONS, tmp_path / "work", probe_calibration_tokens=64)
     with pytest.raises(MfakitError, match="no narrower and wider even width"):
         allocate(four_layers, replace(OPTIONS, kv_dim=None, kv_ratio=1.0), tmp_path / "work")
     assert not (tmp_path / "work").exists()
