@@ -130,6 +130,8 @@ def cmd_allocate(args: argparse.Namespace) -> None:
 
     if args.out and Path(args.out).exists() and not args.overwrite:
         raise OptionsError(f"{args.out} exists: pass --overwrite to replace it")
+    if args.out and not Path(args.out).resolve().parent.is_dir():
+        raise OptionsError(f"{args.out}: its folder does not exist")
     options = _convert_options(args)
     probe = (tuple(args.probe), args.probe_windows, args.probe_seq_len, args.probe_calib_tokens)
     result = allocate(args.source, options, args.work, *probe)

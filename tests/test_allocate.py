@@ -39,17 +39,23 @@ def shard_bytes(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.glob("*.safetensors"))}
 
 
-def test_each_layer_converts_to_its_own_width(four_layers, tmp_path):
-    widths = (64, 8, 32, 16)
+@pytest.mark.parametrize(
+    "variant, widths, cached",
+    [
+        ("mfa-kr", (64, 8, 32, 16), (64, 8, 32, 16)),  # C; 64 is exact
+        ("mfa", (32, 8, 16, 8), (64, 16, 32, 16)),  # C + v_dim, v_dim = min(C, g d_v); 32 is exact
+    ],
+)
+def test_each_layer_converts_to_its_own_width(four_layers, tmp_path, variant, widths, cached):
     out = tmp_path / "out"
-    summary = convert(four_layers, out, replace(OPTIONS, kv_dim=widths))
+    summary = convert(four_layers, out, replace(OPTIONS, variant=variant, kv_dim=widths))
     assert summary.kv_dim == list(widths)
     config = MFAConfig.from_pretrained(out)
     assert [layer["kv_dim"] for layer in config.mfa_layers] == list(widths)
     assert config.conversion["kv_dim"] == list(widths)
     model = load_model(out)
-    assert measure_kv(model, context=32, batch=1) == [32 * w * 4 for w in widths]  # float32: 4 bytes a number
-    assert summary.kv_bytes_per_token_after == sum(widths) * 4
+    assert measure_kv(model, context=32, batch=1) == [32 * n * 4 for n in cached]  # float32: 4 bytes a number
+    assert summary.kv_bytes_per_token_after == sum(cached) * 4
 
 
 def test_one_width_per_layer_is_the_uniform_width(four_layers, tmp_path):
@@ -106,6 +112,11 @@ def test_bad_widths_are_one_line_and_write_nothing(four_layers, tmp_path, capsys
     argv = ["convert", str(four_layers), str(out), "--variant", "mfa-kr", "--kv-dim", widths, *QUICK_CALIB]
     assert message in one_error_line(capsys, argv)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_widths_given_as_text_are_refused():
+    with pytest.raises(MfakitError, match="kv_dim must be an integer or a sequence of integers, got '96'"):
+        ConvertOptions(kv_dim="96")
 
 
 def test_widths_that_are_not_numbers_are_a_usage_error(four_layers, tmp_path, capsys):
@@ -233,3 +244,11 @@ def test_allocation_refuses_what_it_cannot_allocate(four_layers, tmp_path):
     with pytest.raises(MfakitError, match="no narrower and wider even width"):
         allocate(four_layers, replace(OPTIONS, kv_dim=None, kv_ratio=1.0), tmp_path / "work")
     assert not (tmp_path / "work").exists()
+
+
+def test_allocate_checks_its_output_file_before_any_work(four_layers, tmp_path, capsys):
+    argv = ["allocate", str(four_layers), "--variant", "mfa-kr", "--kv-dim", "16", "--work", str(tmp_path / "work")]
+    assert "its folder does not exist" in one_error_line(capsys, [*argv, "--out", str(tmp_path / "no" / "a.json")])
+    (tmp_path / "a.json").write_text("kept")
+    assert "exists: pass --overwrite" in one_error_line(capsys, [*argv, "--out", str(tmp_path / "a.json")])
+    assert (tmp_path / "a.json").read_text() == "kept" and not (tmp_path / "work").exists()

@@ -186,6 +186,8 @@ class ConvertOptions:
 
     def __post_init__(self) -> None:
         if self.kv_dim is not None and not isinstance(self.kv_dim, int):
+            if isinstance(self.kv_dim, str | bytes):
+                raise BudgetError(f"kv_dim must be an integer or a sequence of integers, got {self.kv_dim!r}")
             object.__setattr__(self, "kv_dim", tuple(self.kv_dim))
             if not self.kv_dim:
                 raise BudgetError("kv_dim: give at least one width")
