@@ -21,11 +21,12 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from mfakit.convert.plan import BudgetError, ConvertOptions, plan_conversion
+from mfakit.convert.plan import BudgetError, ConvertOptions, plan_conversion, plan_widths
 from mfakit.convert.recipe import convert
 from mfakit.errors import OptionsError
 from mfakit.loading import load_model, load_tokenizer
 from mfakit.model.modeling_mfa import MFAConfig
+from mfakit.scoring import stream_nll
 from mfakit.texts import DEFAULT_CALIBRATION, mixed_windows, parse_text_spec
 
 logger = logging.getLogger(__name__)
@@ -117,10 +118,9 @@ def swap_probe(
     base = load_model(paths[1], device, dtype)
     layers = base.get_submodule(base.config.layers_path)
     name = base.config.attention_name
-    batches = [batch.to(device) for batch in windows.split(PROBE_BATCH)]
     replay = PrefixReplay(layers)
     with replay.recording():
-        loss = mean_loss(base, batches)
+        loss = mean_loss(base, windows)
     changes: dict[int, list[float]] = {}
     bar = tqdm(total=2 * len(layers), desc="swap probe", disable=not progress, unit="swap")
     for side in (0, 2):
@@ -130,7 +130,7 @@ def swap_probe(
             own = getattr(layer, name)
             setattr(layer, name, getattr(donor, name))
             with replay.before(i):
-                changes[side].append(mean_loss(base, batches) - loss)
+                changes[side].append(mean_loss(base, windows) - loss)
             setattr(layer, name, own)
             bar.update()
         del other
@@ -188,11 +188,12 @@ class PrefixReplay:
                 self.layers[k] = own[k]
 
 
-@torch.no_grad()
-def mean_loss(model: torch.nn.Module, batches: list[torch.Tensor]) -> float:
-    """Mean next-token loss in nats over every predicted token of `batches` (each (n, tokens), of equal length)."""
-    total = sum(model(input_ids=b, labels=b, use_cache=False).loss.item() * b.shape[0] for b in batches)
-    return total / sum(b.shape[0] for b in batches)
+def mean_loss(model: torch.nn.Module, windows: torch.Tensor) -> float:
+    """Mean next-token loss in nats over every predicted token of `windows` (n, tokens): `stream_nll` over them as
+    one stream in windows that do not overlap, PROBE_BATCH at a time (the same batches on every pass, which the
+    replay relies on)."""
+    total, count = stream_nll(model, windows.flatten(), windows.shape[1], windows.shape[1], PROBE_BATCH)
+    return total / count
 
 
 def model_width(path: Path) -> int:
@@ -209,7 +210,8 @@ def probe_widths(source: str | Path, options: ConvertOptions) -> tuple[tuple[int
         raise BudgetError("budget allocation starts from one width for every layer, not a kv_dim per layer")
     plan = plan_conversion(source, options)
     c_width = plan.widths[0][0]
-    exact = 2 * plan.shape.num_kv_heads * plan.shape.head_dim
+    kv_width = plan.shape.num_kv_heads * plan.shape.head_dim
+    exact = plan_widths("mfa-kr", kv_width, kv_width, 1.0, None)[0]
     narrow, wide = 2 * (c_width // 4), min(2 * c_width, exact)
     if narrow < 2 or wide == c_width:
         raise BudgetError(f"kv_dim {c_width}: no narrower and wider even width to allocate between (exact: {exact})")
