@@ -8,6 +8,7 @@ the reference bytes; tests/test_scale.py kills a real process once as well."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from dataclasses import replace
@@ -138,3 +139,21 @@ def test_streams_header_without_its_fields_is_refused(tmp_path):
     (tmp_path / RESUME_DIR / state.streams).write_bytes(len(header).to_bytes(8, "little") + header)
     with pytest.raises(ResumeError, match="not a complete resume state.*'converted'"):
         load_streams(tmp_path, state, "cpu")
+
+
+@pytest.mark.parametrize(
+    ("tensors", "why"),
+    [([["source", [2**31, 2**10], "float32"]], "size does not match"), ([["source", [1], "nn"]], "unknown dtype")],
+)
+def test_streams_header_is_checked_before_anything_is_allocated(tmp_path, monkeypatch, tensors, why):
+    """A damaged header naming an 8 TiB tensor (or no dtype) is refused from the file's size before torch allocates
+    anything: a resume must not exhaust memory on a corrupt file."""
+    state = ResumeState(settings={}, next_layer=1, streams="streams-00001.bin")
+    header = json.dumps({"converted": False, "tensors": tensors}).encode()
+    (tmp_path / RESUME_DIR).mkdir()
+    (tmp_path / RESUME_DIR / state.streams).write_bytes(len(header).to_bytes(8, "little") + header + bytes(64))
+    allocated = []
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: allocated.append(a))
+    with pytest.raises(ResumeError, match=f"not a complete resume state.*{why}"):
+        load_streams(tmp_path, state, "cpu")
+    assert allocated == []

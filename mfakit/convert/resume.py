@@ -5,6 +5,7 @@ partial output folder so that a killed run continues to the same bytes."""
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -100,8 +101,12 @@ def load_streams(partial: Path, state: ResumeState, device: str) -> Streams:
             if length > path.stat().st_size - 8:
                 raise ValueError("its header ends early")
             header = json.loads(f.read(length))
-            for name, shape, dtype in header["tensors"]:
-                t = torch.empty(shape, dtype=getattr(torch, dtype))
+            specs = [(name, shape, stream_dtype(dtype)) for name, shape, dtype in header["tensors"]]
+            # Sized against the file before anything is allocated: a damaged header must not ask for memory.
+            if 8 + length + sum(math.prod(shape) * dtype.itemsize for _, shape, dtype in specs) != path.stat().st_size:
+                raise ValueError("its size does not match its header")
+            for name, shape, dtype in specs:
+                t = torch.empty(shape, dtype=dtype)
                 if f.readinto(tensor_bytes(t)) != t.numel() * t.element_size():
                     raise ValueError("it ends early")
                 loaded[name].append(t.to(device))
@@ -111,3 +116,10 @@ def load_streams(partial: Path, state: ResumeState, device: str) -> Streams:
                 f"{path} is not a complete resume state ({err}); run without --resume to start over"
             ) from err
     return Streams(source=loaded["source"], converted=converted)
+
+
+def stream_dtype(name: str) -> torch.dtype:
+    dtype = getattr(torch, name, None) if isinstance(name, str) else None
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"unknown dtype {name!r}")
+    return dtype
