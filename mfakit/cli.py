@@ -13,7 +13,7 @@ from pathlib import Path
 from mfakit.checkpoint import CheckpointError
 from mfakit.convert import PLAIN_METHOD, ConversionMethod, ConvertOptions
 from mfakit.convert.allocate import PROBE_CALIBRATION_TOKENS, PROBE_SEQ_LEN, PROBE_WINDOWS
-from mfakit.convert.plan import DEFAULT_CALIBRATION_TOKENS, KEY_FRACTION
+from mfakit.convert.plan import DEFAULT_CALIBRATION_TOKENS, KEY_FRACTION, TUNE_STEPS
 from mfakit.errors import MfakitError, OptionsError
 from mfakit.finetune import FinetuneOptions
 from mfakit.finetune.train import LR, LR_BELOW_HALF, PARALLEL
@@ -98,6 +98,8 @@ def _convert_options(args: argparse.Namespace) -> ConvertOptions:
             nope_context=args.nope_context,
             logit_scale=args.logit_scale,
             attention_weight=args.attention_weight,
+            tune_steps=args.tune_steps,
+            tune_lr=args.tune_lr,
         )
     return ConvertOptions(
         variant=args.variant,
@@ -330,6 +332,13 @@ def _add_conversion(p: argparse.ArgumentParser) -> None:
         help="share of each token's weight in the key and value statistics that follows the attention it receives "
         "in the source (0: every token alike; default: %(default)s)",
     )
+    m.add_argument(
+        "--tune-steps",
+        type=int,
+        help="Adam steps per layer of output reconstruction after the closed form (0: none; default: MFA-KR at most "
+        f"an eighth of the cache {TUNE_STEPS}, else 0)",
+    )
+    m.add_argument("--tune-lr", type=float, default=METHOD["tune_lr"], help="their peak rate (default: %(default)s)")
     m.add_argument("--plain", action="store_true", help="the first method: uniform PCA, 50:50 split, none of the above")
     p.add_argument(
         "--approximate-qk-norm",

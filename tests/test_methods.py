@@ -265,6 +265,18 @@ def test_logit_scale_follows_the_variant_and_budget():
         ConversionMethod(logit_scale=0.0)
 
 
+def test_tune_steps_follow_the_variant_and_budget():
+    """Unless set: TUNE_STEPS for MFA-KR layers caching at most an eighth of the source's, none otherwise; set steps
+    (0 included) win everywhere; negative steps are refused."""
+    default, set_ = ConversionMethod(), ConversionMethod(tune_steps=7)
+    steps = plan_module.TUNE_STEPS
+    assert [default.tune_steps_at(share, "mfa-kr") for share in (0.0625, 0.125, 0.25, 0.5)] == [steps, steps, 0, 0]
+    assert default.tune_steps_at(0.125, "mfa") == 0
+    assert set_.tune_steps_at(0.5, "mfa") == 7 and ConversionMethod(tune_steps=0).tune_steps_at(0.125, "mfa-kr") == 0
+    with pytest.raises(OptionsError, match="tune_steps"):
+        ConversionMethod(tune_steps=-1)
+
+
 def test_logit_scale_multiplies_the_fitted_queries(tiny, tmp_path):
     """The first layer of a default MFA-KR conversion below half the cache is the one with --logit-scale 1 with its
     query rows times 1.15 (keys and outputs identical); the later layers see its output, so they differ."""
@@ -317,7 +329,7 @@ def test_method_flags_are_recorded_and_change_the_layout(tiny, tmp_path):
         "nope_angle": 0.0,
         "nope_context": None,
         "logit_scale": None,
-        "tune_steps": 0,
+        "tune_steps": None,
         "tune_lr": 0.001,
         "attention_weight": plan_module.ATTENTION_WEIGHT,
     }
@@ -690,3 +702,55 @@ def test_attention_weights_over_their_memory_are_uniform(tiny, tmp_path, capsys,
     uniform = (tmp_path / "uniform" / shard).read_bytes()
     assert (tmp_path / "limited" / shard).read_bytes() == uniform
     assert (tmp_path / "weighted" / shard).read_bytes() != uniform
+
+
+@pytest.mark.parametrize("variant", ["mfa", "mfa-kr"])
+def test_tuning_brings_the_conversion_closer_to_its_source(trained_tiny, tokenizer, tmp_path, variant):
+    """Per-layer output reconstruction (--tune-steps) after the closed form: a smaller KL to the source on text
+    outside the calibration (measured: 16% smaller for MFA, 30% for MFA-KR), and the steps are recorded."""
+    ids = sample_ids(tokenizer, n=128, batch=4)
+    errors = {}
+    for steps in ("0", "60"):
+        out = tmp_path / steps
+        budget = ["--variant", variant, "--kv-ratio", "0.25", "--tune-steps", steps]
+        assert main(["convert", str(trained_tiny), str(out), *budget, *CALIB]) == 0
+        errors[steps] = kl_to_source(out, trained_tiny, ids)
+        assert json.loads((out / "config.json").read_text())["conversion"]["method"]["tune_steps"] == int(steps)
+    assert errors["60"] < 0.9 * errors["0"], errors
+
+
+def test_the_attention_tuned_is_the_one_written(tiny, tmp_path, monkeypatch):
+    """Tuning starts after the logit factor: the query rows the steps see are the written ones (no factor applied
+    after them), in the streams' dtype whatever the conversion computes in."""
+    seen = {}
+
+    def no_steps(module, x, target, layer_args, steps, lr):
+        seen.setdefault("q", module.q_proj.weight.detach().clone())
+        seen.setdefault("dtypes", {t.dtype for t in x + target})
+        return []
+
+    monkeypatch.setattr(recipe_module, "reconstruct", no_steps)
+    out = tmp_path / "out"
+    flags = ["--logit-scale", "1.5", "--tune-steps", "5", "--dtype", "bfloat16"]
+    assert (
+        main(["convert", str(tiny("llama-gqa")), str(out), "--variant", "mfa-kr", "--kv-ratio", "0.25", *CALIB, *flags])
+        == 0
+    )
+    written = load_file(out / "model.safetensors")["model.layers.0.self_attn.q_proj.weight"]
+    assert torch.equal(written, seen["q"].to(written.dtype))
+    assert seen["dtypes"] == {torch.bfloat16}
+
+
+def test_tuning_leaves_an_exact_conversion_as_it_is(tiny, tmp_path):
+    src = tiny("llama-gqa")
+    files = {}
+    for steps in ("0", "5"):
+        out = tmp_path / steps
+        assert (
+            main(
+                ["convert", str(src), str(out), "--variant", "mfa-kr", "--kv-ratio", "1", "--tune-steps", steps, *CALIB]
+            )
+            == 0
+        )
+        files[steps] = (out / "model.safetensors").read_bytes()
+    assert files["0"] == files["5"]

@@ -269,8 +269,16 @@ def allocate(
         paths = tuple(folder / f"kv_dim-{width}" for width in widths)
         for width, path in zip(widths, paths, strict=True):
             logger.info(f"allocate: uniform conversion at kv_dim {width} into {path}")
+            # Closed-form conversions: per-layer tuning would double the probe's time.
+            method = replace(options.method, tune_steps=0)
             uniform = replace(
-                options, kv_ratio=None, kv_dim=width, calibration_tokens=tokens, overwrite=True, resume=False
+                options,
+                kv_ratio=None,
+                kv_dim=width,
+                method=method,
+                calibration_tokens=tokens,
+                overwrite=True,
+                resume=False,
             )
             convert(source, path, uniform)
         ids, described = mixed_windows(load_tokenizer(paths[1]), sources, probe_windows, probe_seq_len, "training")

@@ -45,6 +45,13 @@ NOPE_ANGLE_BELOW_HALF = 2 * math.pi
 # row flatter. Chosen on the development domains at MFA-KR 0.25: 2.539x -> 2.407x, every domain better (the same
 # factor before the refit, or fitted per head to the source's attention distributions, gained under 0.5%).
 LOGIT_SCALE_BELOW_HALF = 1.15
+# Adam steps of per-layer output reconstruction after the closed form in MFA-KR layers that cache at most
+# TUNE_UP_TO_SHARE of the source's, unless told otherwise. Chosen on the development domains (docs/method.md,
+# "Per-layer output reconstruction"): at an eighth of the cache 100 steps gained 15% on every domain (200: 26%, past
+# the 10-minute conversion target); at a quarter 200 steps lost 1% (the built-in split, the calibration corpora's
+# own domain, gained 6%).
+TUNE_STEPS = 100
+TUNE_UP_TO_SHARE = 0.125
 # Share of the cache given to RoPE'd key channels unless told otherwise. MFA-KR: 0.7 of C (the rest value-only
 # NoPE channels), chosen on the development domains, where it beat 0.8 at half, a quarter and an eighth of the
 # cache (1.315x -> 1.258x, 2.401x -> 2.341x, 7.241x -> 7.048x; ten of the twelve domain-budget pairs better) and
@@ -86,7 +93,8 @@ class ConversionMethod:
     logit_scale: every query head's logits times this factor once the layer is fitted (the later layers are
         calibrated on its output); None: `logit_scale_at`'s default (MFA-KR below half the cache 1.15, else 1).
     tune_steps, tune_lr: Adam steps (and peak learning rate) of per-layer output reconstruction after the closed
-        form (`mfakit.convert.tune`); 0: none.
+        form and the logit factor (`mfakit.convert.tune`); 0: none; None: `tune_steps_at`'s default (MFA-KR at
+        most an eighth of the cache TUNE_STEPS, else none).
     attention_weight: share of each token's weight in the key and value statistics that follows the attention it
         receives in the source layer (the rest counts every token alike; the query statistics stay uniform); 0:
         uniform, as before.
@@ -98,7 +106,7 @@ class ConversionMethod:
     nope_angle: float | None = None
     nope_context: int | None = None
     logit_scale: float | None = None
-    tune_steps: int = 0
+    tune_steps: int | None = None
     tune_lr: float = 1e-3
     attention_weight: float = ATTENTION_WEIGHT
 
@@ -113,7 +121,7 @@ class ConversionMethod:
             raise OptionsError(f"logit_scale must be a positive number, got {self.logit_scale}")
         if not 0 <= self.attention_weight <= 1:
             raise OptionsError(f"attention_weight must be in [0, 1], got {self.attention_weight}")
-        if self.tune_steps < 0 or not self.tune_lr > 0:
+        if (self.tune_steps is not None and self.tune_steps < 0) or not self.tune_lr > 0:
             raise OptionsError(f"tune_steps must be >= 0 and tune_lr positive, got {self.tune_steps}, {self.tune_lr}")
 
     def nope_angle_at(self, cache_share: float) -> float:
@@ -130,12 +138,19 @@ class ConversionMethod:
             return self.logit_scale
         return LOGIT_SCALE_BELOW_HALF if variant == "mfa-kr" and cache_share < 0.5 else 1.0
 
+    def tune_steps_at(self, cache_share: float, variant: str) -> int:
+        """The reconstruction steps of a layer whose converted cache is `cache_share` of the source's: as set, else
+        TUNE_STEPS for MFA-KR up to TUNE_UP_TO_SHARE and none otherwise (not measured for MFA)."""
+        if self.tune_steps is not None:
+            return self.tune_steps
+        return TUNE_STEPS if variant == "mfa-kr" and cache_share <= TUNE_UP_TO_SHARE else 0
+
     def key_share(self, variant: str) -> float:
         return self.key_fraction if self.key_fraction is not None else KEY_FRACTION[variant]
 
 
 PLAIN_METHOD = ConversionMethod(
-    sequential=False, refit=False, key_fraction=0.5, nope_angle=0.0, logit_scale=1.0, attention_weight=0.0
+    sequential=False, refit=False, key_fraction=0.5, nope_angle=0.0, logit_scale=1.0, tune_steps=0, attention_weight=0.0
 )  # the first method
 
 

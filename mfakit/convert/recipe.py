@@ -271,7 +271,7 @@ def convert_one_layer(
     run.state.out_dtype = str(next(attention.parameters()).dtype).removeprefix("torch.")
     pre = pre_latent(layout, attention, plan.config, options.variant) if plan.qk_norm == "exact" else None
     layer.to(device=options.device)
-    wants_out = method.refit or method.tune_steps > 0
+    wants_out = method.refit or method.tune_steps != 0  # None: by the layer's budget, known once it is read
     weigh = method.attention_weight > 0 and attention_mass_fits(plan, run, i, streams.source[0])
     source_run = run_layer(
         layer,
@@ -309,7 +309,11 @@ def convert_one_layer(
     fz.balance_(mfa, sigma)
     share = layer_cache_share(src, options.variant, kv_dim, v_dim)
     scale = 1.0 if exact else method.logit_scale_at(share, options.variant)
-    tune = method.tune_steps > 0 and not exact and pre is None
+    steps = 0 if exact else method.tune_steps_at(share, options.variant)
+    if steps and pre is not None:
+        run.note_once("tune", "the exact QK-norm layers are not tuned (--tune-steps): only the closed form")
+        steps = 0
+    tune = steps > 0
     # The sequential pass replays the refit's attention only where it is the written one: not after a logit factor
     # or per-layer tuning, nor with the queries written as a product of two rounded factors.
     replayable = method.sequential and scale == 1.0 and not tune and not options.share_q_dim
@@ -320,11 +324,11 @@ def convert_one_layer(
         fz.round_inputs_(mfa, getattr(torch, run.state.out_dtype))
         layer_refit = (mfa, src, pre)
         mfa, replay = refit_output(plan, options, run, i, layer_refit, x, source_run.attn_out, layer_args, replayable)
-    if tune:
-        mfa = tune_output(plan, options, i, (mfa, src), x, source_run.attn_out, layer_args)
     mfa.readout_factors = None  # only the refit reads them
     if scale != 1.0:  # the query rows are the layer's largest tensor: no pass over them for nothing
         mfa.wq.mul_(scale)
+    if tune:  # after the logit factor: the attention tuned is the one written
+        mfa = tune_output(plan, options, i, (mfa, src), (x, source_run.attn_out, layer_args), steps)
     layer_config, tensors = write_converted(plan, options, run, i, (mfa, src, pre), sigma)
     del mfa, sigma  # the written tensors replace their float32 forms
     if method.sequential and not exact:
@@ -496,17 +500,16 @@ def tune_output(
     options: ConvertOptions,
     i: int,
     layer: tuple[fz.MFALayer, fz.SourceAttention],
-    x: list[torch.Tensor],
-    target: list[torch.Tensor],
-    layer_args: list,
+    calibration: tuple[list[torch.Tensor], list[torch.Tensor], list],
+    steps: int,
 ) -> fz.MFALayer:
-    """Layer i's converted attention after `options.method.tune_steps` Adam steps of output reconstruction, from
-    its balanced factors (`balance_`: Adam's steps suit unit-scale channels)."""
+    """Layer i's converted attention after `steps` Adam steps of output reconstruction on its calibration inputs,
+    the source attention's outputs and the batches' arguments, from its balanced factors (`balance_`: Adam's steps
+    suit unit-scale channels)."""
     mfa, src = layer
     module = working_module(plan, options, i, (mfa, src, None))
-    method = options.method
     with torch.enable_grad():
-        reconstruct(module, x, target, layer_args, method.tune_steps, method.tune_lr)
+        reconstruct(module, *calibration, steps, options.method.tune_lr)
     return layer_from_module(module, mfa)
 
 

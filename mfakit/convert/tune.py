@@ -27,7 +27,8 @@ def reconstruct(
 ) -> list[float]:
     """Adam on min_theta sum_b ||A_theta(x_b) - y_b||^2 / ||y_b||^2 over the module's parameters, `rows`
     sequences a step taken in a fixed cycle over the calibration batches, learning rate lr with a cosine decay to
-    zero. x_b (n, s, d) inputs, y_b (n, s, d) the source attention's outputs. Returns the loss of every step."""
+    zero. x_b (n, s, d) inputs, y_b (n, s, d) the source attention's outputs, in the streams' dtype (the float32
+    module reads them in float32). Returns the loss of every step."""
     sequences = [(b, r) for b, batch in enumerate(x) for r in range(0, batch.shape[0], rows)]
     params = [p for p in module.parameters()]
     for p in params:
@@ -38,11 +39,11 @@ def reconstruct(
         b, r = sequences[step % len(sequences)]
         kwargs = layer_args[b][1]
         out, _ = module(
-            x[b][r : r + rows],
+            x[b][r : r + rows].float(),
             attention_mask=rows_of(kwargs.get("attention_mask"), slice(r, r + rows)),
             position_ids=rows_of(kwargs.get("position_ids"), slice(r, r + rows)),
         )
-        y = target[b][r : r + rows]
+        y = target[b][r : r + rows].float()
         loss = (out - y).pow(2).sum() / y.pow(2).sum().clamp_min(1e-30)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
