@@ -218,8 +218,9 @@ def test_allocation_end_to_end(trained_tiny, tmp_path, capsys):
     captured = capsys.readouterr()
     printed = captured.out.strip().splitlines()
     assert sorted(p.name for p in (tmp_path / "work").iterdir()) == ["kv_dim-16", "kv_dim-32", "kv_dim-8"]
-    for uniform in (tmp_path / "work").iterdir():  # the probe's conversions calibrate on fewer tokens
-        assert json.loads((uniform / "config.json").read_text())["conversion"]["calibration_tokens"] == 256
+    for uniform in (tmp_path / "work").iterdir():  # the probe's conversions calibrate on fewer tokens, untuned
+        conversion = json.loads((uniform / "config.json").read_text())["conversion"]
+        assert conversion["calibration_tokens"] == 256 and conversion["method"]["tune_steps"] == 0
     allocation = json.loads(result.read_text())
     probe = allocation["probe"]
     assert probe["widths"] == [8, 16, 32] and len(probe["narrow"]) == len(probe["wide"]) == 2

@@ -754,3 +754,15 @@ def test_tuning_leaves_an_exact_conversion_as_it_is(tiny, tmp_path):
         )
         files[steps] = (out / "model.safetensors").read_bytes()
     assert files["0"] == files["5"]
+
+
+def test_exact_qk_norm_layers_say_they_are_not_tuned(family, tmp_path, capsys):
+    """Qwen3's exact layer keeps the source's projections and norms before its latent maps, which the steps do not
+    train: an eighth of the cache (tuned by default elsewhere) converts with the closed form and says so once."""
+    out = tmp_path / "out"
+    argv = ["convert", str(family("qwen3")), str(out), "--variant", "mfa-kr", "--kv-ratio", "0.125", *CALIB]
+    assert main(argv) == 0
+    assert (
+        capsys.readouterr().err.count("the exact QK-norm layers are not tuned (--tune-steps): only the closed form")
+        == 1
+    )
