@@ -21,7 +21,7 @@ from mfakit.convert import readout as ro
 from mfakit.convert import recipe as recipe_module
 from mfakit.convert.plan import ConversionMethod
 from mfakit.errors import OptionsError
-from tests.conftest import CALIB, logits, sample_ids
+from tests.conftest import CALIB, convert_cli, logits, sample_ids
 
 
 def random_stats(
@@ -711,9 +711,7 @@ def test_tuning_brings_the_conversion_closer_to_its_source(trained_tiny, tokeniz
     ids = sample_ids(tokenizer, n=128, batch=4)
     errors = {}
     for steps in ("0", "60"):
-        out = tmp_path / steps
-        budget = ["--variant", variant, "--kv-ratio", "0.25", "--tune-steps", steps]
-        assert main(["convert", str(trained_tiny), str(out), *budget, *CALIB]) == 0
+        out = convert_cli(trained_tiny, tmp_path / steps, variant, "--kv-ratio", "0.25", extra=("--tune-steps", steps))
         errors[steps] = kl_to_source(out, trained_tiny, ids)
         assert json.loads((out / "config.json").read_text())["conversion"]["method"]["tune_steps"] == int(steps)
     assert errors["60"] < 0.9 * errors["0"], errors
@@ -730,12 +728,8 @@ def test_the_attention_tuned_is_the_one_written(tiny, tmp_path, monkeypatch):
         return []
 
     monkeypatch.setattr(recipe_module, "reconstruct", no_steps)
-    out = tmp_path / "out"
-    flags = ["--logit-scale", "1.5", "--tune-steps", "5", "--dtype", "bfloat16"]
-    assert (
-        main(["convert", str(tiny("llama-gqa")), str(out), "--variant", "mfa-kr", "--kv-ratio", "0.25", *CALIB, *flags])
-        == 0
-    )
+    flags = ("--logit-scale", "1.5", "--tune-steps", "5", "--dtype", "bfloat16")
+    out = convert_cli(tiny("llama-gqa"), tmp_path / "out", "mfa-kr", "--kv-ratio", "0.25", extra=flags)
     written = load_file(out / "model.safetensors")["model.layers.0.self_attn.q_proj.weight"]
     assert torch.equal(written, seen["q"].to(written.dtype))
     assert seen["dtypes"] == {torch.bfloat16}
@@ -745,13 +739,7 @@ def test_tuning_leaves_an_exact_conversion_as_it_is(tiny, tmp_path):
     src = tiny("llama-gqa")
     files = {}
     for steps in ("0", "5"):
-        out = tmp_path / steps
-        assert (
-            main(
-                ["convert", str(src), str(out), "--variant", "mfa-kr", "--kv-ratio", "1", "--tune-steps", steps, *CALIB]
-            )
-            == 0
-        )
+        out = convert_cli(src, tmp_path / steps, "mfa-kr", "--kv-ratio", "1", extra=("--tune-steps", steps))
         files[steps] = (out / "model.safetensors").read_bytes()
     assert files["0"] == files["5"]
 
@@ -759,9 +747,7 @@ def test_tuning_leaves_an_exact_conversion_as_it_is(tiny, tmp_path):
 def test_exact_qk_norm_layers_say_they_are_not_tuned(family, tmp_path, capsys):
     """Qwen3's exact layer keeps the source's projections and norms before its latent maps, which the steps do not
     train: an eighth of the cache (tuned by default elsewhere) converts with the closed form and says so once."""
-    out = tmp_path / "out"
-    argv = ["convert", str(family("qwen3")), str(out), "--variant", "mfa-kr", "--kv-ratio", "0.125", *CALIB]
-    assert main(argv) == 0
+    convert_cli(family("qwen3"), tmp_path / "out", "mfa-kr", "--kv-ratio", "0.125")
     assert (
         capsys.readouterr().err.count("the exact QK-norm layers are not tuned (--tune-steps): only the closed form")
         == 1

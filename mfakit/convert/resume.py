@@ -14,6 +14,7 @@ import torch
 from mfakit.checkpoint import tensor_bytes
 from mfakit.convert.calibration import Streams
 from mfakit.errors import MfakitError
+from mfakit.loading import DTYPES
 from mfakit.outputs import replace_file
 
 RESUME_DIR = "resume"
@@ -97,13 +98,14 @@ def load_streams(partial: Path, state: ResumeState, device: str) -> Streams:
     loaded: dict[str, list[torch.Tensor]] = {"source": [], "converted": []}
     with path.open("rb") as f:
         try:
+            size = path.stat().st_size
             length = int.from_bytes(f.read(8), "little")
-            if length > path.stat().st_size - 8:
+            if length > size - 8:
                 raise ValueError("its header ends early")
             header = json.loads(f.read(length))
-            specs = [(name, shape, stream_dtype(dtype)) for name, shape, dtype in header["tensors"]]
+            specs = [(name, shape, _stream_dtype(dtype)) for name, shape, dtype in header["tensors"]]
             # Sized against the file before anything is allocated: a damaged header must not ask for memory.
-            if 8 + length + sum(math.prod(shape) * dtype.itemsize for _, shape, dtype in specs) != path.stat().st_size:
+            if 8 + length + sum(math.prod(shape) * dtype.itemsize for _, shape, dtype in specs) != size:
                 raise ValueError("its size does not match its header")
             for name, shape, dtype in specs:
                 t = torch.empty(shape, dtype=dtype)
@@ -118,8 +120,8 @@ def load_streams(partial: Path, state: ResumeState, device: str) -> Streams:
     return Streams(source=loaded["source"], converted=converted)
 
 
-def stream_dtype(name: str) -> torch.dtype:
-    dtype = getattr(torch, name, None) if isinstance(name, str) else None
-    if not isinstance(dtype, torch.dtype):
+def _stream_dtype(name: str) -> torch.dtype:
+    """The dtype a streams header names: one of the conversion's (`DTYPES`, the map the streams were made with)."""
+    if name not in DTYPES:
         raise ValueError(f"unknown dtype {name!r}")
-    return dtype
+    return DTYPES[name]
