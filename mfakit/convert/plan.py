@@ -47,10 +47,10 @@ NOPE_ANGLE_BELOW_HALF = 2 * math.pi
 LOGIT_SCALE_BELOW_HALF = 1.15
 # Adam steps of per-layer output reconstruction after the closed form in MFA-KR layers that cache at most
 # TUNE_UP_TO_SHARE of the source's, unless told otherwise. Chosen on the development domains (docs/method.md,
-# "Per-layer output reconstruction"): at an eighth of the cache 100 steps gained 15% on every domain (200: 26%, past
-# the 10-minute conversion target); at a quarter 200 steps lost 1% (the built-in split, the calibration corpora's
-# own domain, gained 6%).
-TUNE_STEPS = 100
+# "Per-layer output reconstruction"): at an eighth of the cache 200 steps of one calibration sequence each gained 16%
+# on every domain (100 steps of two: 15%; of one: 11%); at a quarter 200 steps of two lost 1% (the built-in split,
+# the calibration corpora's own domain, gained 6%).
+TUNE_STEPS = 200
 TUNE_UP_TO_SHARE = 0.125
 # Share of the cache given to RoPE'd key channels unless told otherwise. MFA-KR: 0.7 of C (the rest value-only
 # NoPE channels), chosen on the development domains, where it beat 0.8 at half, a quarter and an eighth of the
