@@ -25,8 +25,10 @@ lint: $(STAMP)
 	$(PY) -m ruff format --check .
 
 # Two workers (one per core on the 2-core machines this runs on); a test file runs whole on one worker, so module
-# fixtures (a converted model, a synthetic checkpoint) are built once.
-XDIST := -n 2 --dist loadfile
+# fixtures (a converted model, a synthetic checkpoint) are built once. Files are handed out in collection order
+# (tests/conftest.py puts the longest first), not xdist's default of the most tests first, which left the real
+# model's few long tests to the end of the run.
+XDIST := -n 2 --dist loadfile --no-loadscope-reorder
 
 test: lint
 	$(PY) -m pytest $(XDIST)

