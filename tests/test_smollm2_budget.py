@@ -14,8 +14,9 @@ pytestmark = pytest.mark.slow
 
 # The output refit needs no cross-validated ridge from 8 calibration tokens per readout feature on (MFA at 0.5:
 # 9 x 96 = 864 features, 6,912 tokens: 7,168 is the fewest whole windows of 512 above); below that it solves 72
-# systems a layer (minutes here), a path the refit tests cover on tiny models. MFA-KR's readout is twice as wide (13,824 tokens, three minutes on 2 cores), so its
-# conversion here skips the refit: what it adds on top of MFA is the latent's key reuse, not another refit path.
+# systems a layer (minutes here), a path the refit tests cover on tiny models. MFA-KR's readout is twice as wide
+# (13,824 tokens, three minutes on 2 cores), so its conversion here skips the refit: what it adds on top of MFA is
+# the latent's key reuse, not another refit path.
 @pytest.mark.parametrize(
     ("variant", "flags"), [("mfa", ["--calib-tokens", "7168"]), ("mfa-kr", ["--calib-tokens", "4096", "--no-refit"])]
 )
