@@ -13,7 +13,7 @@ from pathlib import Path
 from mfakit.checkpoint import CheckpointError
 from mfakit.convert import PLAIN_METHOD, ConversionMethod, ConvertOptions
 from mfakit.convert.allocate import PROBE_CALIBRATION_TOKENS, PROBE_SEQ_LEN, PROBE_WINDOWS
-from mfakit.convert.plan import DEFAULT_CALIBRATION_TOKENS, KEY_FRACTION, TUNE_STEPS
+from mfakit.convert.plan import DEFAULT_CALIBRATION_TOKENS, KEY_FRACTION, STREAM_CORRECTION, TUNE_STEPS
 from mfakit.errors import MfakitError, OptionsError
 from mfakit.finetune import FinetuneOptions
 from mfakit.finetune.train import LR, LR_BELOW_HALF, PARALLEL
@@ -98,6 +98,7 @@ def _convert_options(args: argparse.Namespace) -> ConvertOptions:
             nope_context=args.nope_context,
             logit_scale=args.logit_scale,
             attention_weight=args.attention_weight,
+            stream_correction=args.stream_correction,
             tune_steps=args.tune_steps,
             tune_lr=args.tune_lr,
         )
@@ -331,6 +332,13 @@ def _add_conversion(p: argparse.ArgumentParser) -> None:
         default=METHOD["attention_weight"],
         help="share of each token's weight in the key and value statistics that follows the attention it receives "
         "in the source (0: every token alike; default: %(default)s)",
+    )
+    m.add_argument(
+        "--stream-correction",
+        type=float,
+        help="share of the stream's drift (the source's hidden states entering a layer less the converted model's) "
+        "added to the attention's targets, so that each layer moves the stream back towards the source's (0: the "
+        f"source attention's outputs; default: MFA-KR above an eighth of the cache {STREAM_CORRECTION}, else 0)",
     )
     m.add_argument(
         "--tune-steps",

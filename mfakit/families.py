@@ -164,6 +164,17 @@ LAYOUTS = (
         refuse=(("alibi", True, "ALiBi position biases"),),
     ),
 )
+# Model types whose decoder layers norm or scale the attention's output before adding it to the residual stream
+# (sandwich norms; Granite's residual multiplier). Elsewhere the stream after the attention is the stream before it
+# plus the attention's output, whether the MLP follows it or runs beside it.
+ATTENTION_OUTPUT_TRANSFORMED = frozenset({"gemma2", "gemma3_text", "glm4", "olmo2", "olmo3", "exaone4", "granite"})
+
+
+def adds_attention_output(model_type: str) -> bool:
+    """Whether the family's decoder layer adds the attention's output to the residual stream as it is."""
+    return model_type not in ATTENTION_OUTPUT_TRANSFORMED
+
+
 DYNAMIC_ROPE_TYPES = ("dynamic", "longrope")
 # Whether layer i rotates its queries and keys, read off the (weightless) source attention module and config.
 ROPE_RULES = {

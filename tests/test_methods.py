@@ -21,7 +21,7 @@ from mfakit.convert import readout as ro
 from mfakit.convert import recipe as recipe_module
 from mfakit.convert.plan import ConversionMethod
 from mfakit.errors import OptionsError
-from tests.conftest import CALIB, convert_cli, logits, sample_ids
+from tests.conftest import CALIB, convert_cli, load, logits, sample_ids
 
 
 def random_stats(
@@ -332,6 +332,7 @@ def test_method_flags_are_recorded_and_change_the_layout(tiny, tmp_path):
         "tune_steps": None,
         "tune_lr": 0.001,
         "attention_weight": plan_module.ATTENTION_WEIGHT,
+        "stream_correction": None,
     }
     assert all(0 not in layer["rope_freqs"] for layer in config["mfa_layers"])
     nope = tmp_path / "nope"
@@ -683,9 +684,90 @@ def test_attention_weights_mix_uniform_and_received_attention():
 
 
 @pytest.mark.parametrize("weight", [-0.1, 1.5, float("nan")])
-def test_attention_weight_outside_zero_one_is_refused(weight):
-    with pytest.raises(OptionsError, match="attention_weight"):
-        ConversionMethod(attention_weight=weight)
+@pytest.mark.parametrize("name", ["attention_weight", "stream_correction"])
+def test_shares_outside_zero_one_are_refused(name, weight):
+    with pytest.raises(OptionsError, match=name):
+        ConversionMethod(**{name: weight})
+
+
+def stream_after_attention(path, layer: int, batches: list[torch.Tensor]) -> torch.Tensor:
+    """The residual stream after decoder layer `layer`'s attention (its input plus its attention's output) of the
+    model at `path` on token batches, stacked."""
+    model = load(path)
+    block = model.model.layers[layer]
+    inputs, outputs = [], []
+    hooks = [
+        block.register_forward_pre_hook(
+            lambda _m, args, kwargs: inputs.append(kwargs.get("hidden_states", args and args[0])), with_kwargs=True
+        ),
+        block.self_attn.register_forward_hook(lambda _m, _args, out: outputs.append(out[0])),
+    ]
+    with torch.no_grad():
+        for ids in batches:
+            model(input_ids=ids)
+    for hook in hooks:
+        hook.remove()
+    return torch.cat([x + y for x, y in zip(inputs, outputs, strict=True)])
+
+
+def test_the_stream_correction_puts_the_stream_back_towards_the_source(tiny, tmp_path, monkeypatch):
+    """With the stream correction, the second layer is refit to put the stream after its attention back on the
+    source's: on the calibration text the stream there is closer to the source's than without it (the refit is
+    least squares over the same features, and the correction makes the stream's error its objective). The first
+    layer, which no converted layer precedes, is the same bytes either way."""
+    seen = []
+    real_batches = recipe_module.calibration_batches
+    monkeypatch.setattr(recipe_module, "calibration_batches", lambda *a: seen.append(real_batches(*a)) or seen[-1])
+    src = tiny("llama-gqa")
+    outs = {
+        share: convert_cli(src, tmp_path / share, "mfa-kr", "--kv-ratio", "0.5", extra=("--stream-correction", share))
+        for share in ("0", "1")
+    }
+    batches = seen[0][0]
+    assert all(torch.equal(a, b) for a, b in zip(batches, seen[1][0], strict=True))
+    source = stream_after_attention(src, 1, batches)
+    errors = {share: (stream_after_attention(out, 1, batches) - source).pow(2).sum() for share, out in outs.items()}
+    assert errors["1"] < errors["0"], errors
+    first = [
+        {k: v for k, v in load_file(out / "model.safetensors").items() if ".layers.0." in k} for out in outs.values()
+    ]
+    assert first[0].keys() == first[1].keys() and all(torch.equal(first[0][k], first[1][k]) for k in first[0])
+
+
+def shard_bytes(src, tmp_path, ratio: str, runs: dict[str, tuple[str, ...]]) -> dict[str, bytes]:
+    """The single shard of an MFA-KR conversion of `src` at `ratio`, one for each named set of extra flags."""
+    files = {}
+    for name, extra in runs.items():
+        out = convert_cli(src, tmp_path / name, "mfa-kr", "--kv-ratio", ratio, extra=extra)
+        files[name] = (out / "model.safetensors").read_bytes()
+    return files
+
+
+def test_stream_correction_follows_the_variant_and_budget():
+    default = ConversionMethod()
+    assert default.stream_correction_at(0.25, "mfa-kr") == plan_module.STREAM_CORRECTION
+    assert default.stream_correction_at(0.125, "mfa-kr") == 0.0
+    assert default.stream_correction_at(0.5, "mfa") == 0.0
+    assert ConversionMethod(stream_correction=0.3).stream_correction_at(0.125, "mfa") == 0.3
+
+
+def test_no_stream_correction_at_an_eighth_by_default(tiny, tmp_path):
+    """At an eighth of the cache the default fits MFA-KR layers (tuned there) to the source attention's outputs:
+    the same bytes as --stream-correction 0, and not those of --stream-correction 0.5, which applies to tuned layers
+    too (the refit and the steps then share one target)."""
+    runs = {"default": (), "0": ("--stream-correction", "0"), "0.5": ("--stream-correction", "0.5")}
+    runs = {name: ("--tune-steps", "5", *extra) for name, extra in runs.items()}
+    files = shard_bytes(tiny("llama-gqa"), tmp_path, "0.125", runs)
+    assert files["default"] == files["0"] != files["0.5"]
+
+
+def test_families_that_norm_the_attention_output_are_fitted_to_the_source_outputs(family, tmp_path, capsys):
+    """Gemma-3 norms its attention's output before adding it to the stream: the stream correction is not applied
+    (the same bytes as --stream-correction 0), and a note says so once."""
+    runs = {share: ("--stream-correction", share) for share in ("0", "1")}
+    files = shard_bytes(family("gemma3_text"), tmp_path, "0.25", runs)
+    assert files["0"] == files["1"]
+    assert capsys.readouterr().err.count("--stream-correction is not applied") == 1
 
 
 def test_attention_weights_over_their_memory_are_uniform(tiny, tmp_path, capsys, monkeypatch):
@@ -737,11 +819,7 @@ def test_the_attention_tuned_is_the_one_written(tiny, tmp_path, monkeypatch):
 
 
 def test_tuning_leaves_an_exact_conversion_as_it_is(tiny, tmp_path):
-    src = tiny("llama-gqa")
-    files = {}
-    for steps in ("0", "5"):
-        out = convert_cli(src, tmp_path / steps, "mfa-kr", "--kv-ratio", "1", extra=("--tune-steps", steps))
-        files[steps] = (out / "model.safetensors").read_bytes()
+    files = shard_bytes(tiny("llama-gqa"), tmp_path, "1", {steps: ("--tune-steps", steps) for steps in ("0", "5")})
     assert files["0"] == files["5"]
 
 

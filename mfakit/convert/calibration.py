@@ -343,6 +343,17 @@ def second_moment(batches: list[torch.Tensor], weights: list[torch.Tensor] | Non
     return moment.value()
 
 
+def correct_targets_(
+    targets: list[torch.Tensor], source: list[torch.Tensor], converted: list[torch.Tensor], share: float
+) -> None:
+    """In place, y_b <- y_b + share * (x_b - x'_b) for every batch b: the attention outputs y (n, s, d) the source
+    layer computes on its own hidden states x (n, s, d), moved by `share` of the way towards the outputs that would
+    put the converted model's stream x' (n, s, d) back on the source's after the attention (x' + y' = x + y where the
+    layer adds its attention's output to the stream). Computed in float32, stored in the targets' dtype."""
+    for y, x, x_conv in zip(targets, source, converted, strict=True):
+        y.copy_(y.float() + share * (x.float() - x_conv.float()))
+
+
 def attention_weights(mass: list[torch.Tensor], share: float) -> list[torch.Tensor]:
     """Per-token weights (1 - share) + share a_t / mean(a) from the attention a_t = sum_q p_qt that each calibration
     token t receives (`LayerRun.attn_mass`, averaged over heads). A value error e_t reaches query q's output as

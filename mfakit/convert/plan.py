@@ -63,6 +63,16 @@ KEY_FRACTION = {"mfa": 0.5, "mfa-kr": 0.7}
 # cache and lost 0.3% at an eighth; MFA gained 1.4% and 3.3% at half and a quarter. The first token of a window
 # receives 30-65% of the attention in SmolLM2's later layers and is 1 of 512 calibration tokens.
 ATTENTION_WEIGHT = 0.5
+# Share of the residual stream's drift added to the attention's targets in MFA-KR layers that cache more than
+# STREAM_CORRECTION_ABOVE_SHARE of the source's, unless told otherwise: the refit fits the converted attention to
+# y + s (x - x'), the source attention's output y plus s times the difference between the hidden states entering the
+# layer in the source (x) and in the converted model (x'), so that the stream after the attention moves back towards
+# the source's instead of the layer only adding the source's increment. Chosen on the development domains
+# (docs/method.md, "Putting the stream back"): 1.252x -> 1.220x at half the cache and 2.261x -> 2.099x at a quarter
+# with 0.5 (2.128x with 1). At an eighth it was unstable, tuned or not (0.5: 10.248x and 10.388x against 5.923x and
+# 7.071x without), so none there; MFA was not measured.
+STREAM_CORRECTION = 0.5
+STREAM_CORRECTION_ABOVE_SHARE = 0.125
 # The eager attention probabilities of one calibration batch that reading the attention weights may hold (batch x
 # heads x tokens^2 x 4 bytes); a layer whose batches would need more is weighted uniformly, and says so.
 ATTENTION_MASS_BYTES = 2**32
@@ -98,6 +108,11 @@ class ConversionMethod:
     attention_weight: share of each token's weight in the key and value statistics that follows the attention it
         receives in the source layer (the rest counts every token alike; the query statistics stay uniform); 0:
         uniform, as before.
+    stream_correction: share s of the residual stream's drift in the attention's targets (`correct_targets_`):
+        the refit and the steps fit y + s (x - x') rather than the source attention's output y; 0: y, as before;
+        None: `stream_correction_at`'s default (MFA-KR above an eighth of the cache STREAM_CORRECTION, else none).
+        Only where calibration is sequential (x' is the converted stream) and the family adds the
+        attention's output to the stream as it is (`adds_attention_output`).
     """
 
     sequential: bool = True
@@ -109,6 +124,7 @@ class ConversionMethod:
     tune_steps: int | None = None
     tune_lr: float = 1e-3
     attention_weight: float = ATTENTION_WEIGHT
+    stream_correction: float | None = None
 
     def __post_init__(self) -> None:
         if self.key_fraction is not None and not 0 < self.key_fraction <= 1:
@@ -121,6 +137,8 @@ class ConversionMethod:
             raise OptionsError(f"logit_scale must be a positive number, got {self.logit_scale}")
         if not 0 <= self.attention_weight <= 1:
             raise OptionsError(f"attention_weight must be in [0, 1], got {self.attention_weight}")
+        if self.stream_correction is not None and not 0 <= self.stream_correction <= 1:
+            raise OptionsError(f"stream_correction must be in [0, 1], got {self.stream_correction}")
         if (self.tune_steps is not None and self.tune_steps < 0) or not self.tune_lr > 0:
             raise OptionsError(f"tune_steps must be >= 0 and tune_lr positive, got {self.tune_steps}, {self.tune_lr}")
 
@@ -145,12 +163,28 @@ class ConversionMethod:
             return self.tune_steps
         return TUNE_STEPS if variant == "mfa-kr" and cache_share <= TUNE_UP_TO_SHARE else 0
 
+    def stream_correction_at(self, cache_share: float, variant: str) -> float:
+        """The stream correction of a layer whose converted cache is `cache_share` of the source's: as set, else
+        STREAM_CORRECTION for MFA-KR above STREAM_CORRECTION_ABOVE_SHARE and none otherwise (not measured for
+        MFA)."""
+        if self.stream_correction is not None:
+            return self.stream_correction
+        above = variant == "mfa-kr" and cache_share > STREAM_CORRECTION_ABOVE_SHARE
+        return STREAM_CORRECTION if above else 0.0
+
     def key_share(self, variant: str) -> float:
         return self.key_fraction if self.key_fraction is not None else KEY_FRACTION[variant]
 
 
 PLAIN_METHOD = ConversionMethod(
-    sequential=False, refit=False, key_fraction=0.5, nope_angle=0.0, logit_scale=1.0, tune_steps=0, attention_weight=0.0
+    sequential=False,
+    refit=False,
+    key_fraction=0.5,
+    nope_angle=0.0,
+    logit_scale=1.0,
+    tune_steps=0,
+    attention_weight=0.0,
+    stream_correction=0.0,
 )  # the first method
 
 

@@ -39,6 +39,7 @@ from mfakit.convert.calibration import (
     attention_weights,
     calibration_batches,
     computing_in,
+    correct_targets_,
     free_outside_layers,
     load_module,
     readout_samples,
@@ -77,6 +78,7 @@ from mfakit.convert.resume import (
 )
 from mfakit.convert.tune import layer_from_module, reconstruct
 from mfakit.errors import MfakitError, first_line
+from mfakit.families import adds_attention_output
 from mfakit.loading import DTYPES, load_tokenizer
 from mfakit.model.modeling_mfa import MFAConfig
 from mfakit.outputs import atomic_folder, check_output, clear_folder, folder_size, locked, partial_folder
@@ -314,6 +316,9 @@ def convert_one_layer(
         run.note_once("tune", "the exact QK-norm layers are not tuned (--tune-steps): only the closed form")
         steps = 0
     tune = steps > 0
+    correction = 0.0 if exact else method.stream_correction_at(share, options.variant)
+    if correction and streams.converted is not None and source_run.attn_out is not None:
+        correct_stream(plan, run, correction, source_run.attn_out, streams)
     # The sequential pass replays the refit's attention only where it is the written one: not after a logit factor
     # or per-layer tuning, nor with the queries written as a product of two rounded factors.
     replayable = method.sequential and scale == 1.0 and not tune and not options.share_q_dim
@@ -346,6 +351,22 @@ def convert_one_layer(
         converted_stream = run_layer(layer, attention, streams.converted, layer_args).hidden
     layer.to("meta")
     return Streams(source_run.hidden, converted_stream)
+
+
+def correct_stream(
+    plan: ConversionPlan, run: ConversionRun, share: float, targets: list[torch.Tensor], streams: Streams
+) -> None:
+    """The attention's targets moved in place by `share` of the stream's drift (`correct_targets_`), where the
+    family adds the attention's output to the stream as it is; elsewhere they stay the source's outputs, noted once."""
+    model_type = plan.config.model_type
+    if adds_attention_output(model_type):
+        correct_targets_(targets, streams.source, streams.converted, share)
+    else:
+        run.note_once(
+            "stream",
+            f"{model_type} norms or scales the attention's output before adding it to the stream: the layers are "
+            "fitted to the source attention's outputs (--stream-correction is not applied)",
+        )
 
 
 def attention_mass_fits(plan: ConversionPlan, run: ConversionRun, i: int, batch: torch.Tensor) -> bool:
